@@ -1,0 +1,67 @@
+"""zlink: a neutral, encrypted relay that fans work out across agents and machines.
+
+::
+
+    import zlink
+
+    @zlink.skill()
+    def square(x: int) -> int:
+        return x * x
+
+    with zlink.Client() as client:          # $ZLINK_JOIN names the swarm
+        print(list(client.map("square", range(10))))
+"""
+
+from __future__ import annotations
+
+from .broker import Broker
+from .client import AsyncClient, Client, TaskFuture
+from .errors import (
+    AuthenticationError,
+    ClosedError,
+    ConfigError,
+    ConnectError,
+    LocalProtocolError,
+    ProtocolError,
+    RejectedError,
+    RemoteError,
+    RemoteProtocolError,
+    TaskCancelled,
+    TaskError,
+    TaskLost,
+    TaskTimeout,
+    ZlinkError,
+)
+from .node import Node, SkillSpec, TaskContext, current_task, skill
+from .security import Join, KeyPair
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "AuthenticationError",
+    "Broker",
+    "Client",
+    "ClosedError",
+    "ConfigError",
+    "ConnectError",
+    "Join",
+    "KeyPair",
+    "LocalProtocolError",
+    "Node",
+    "ProtocolError",
+    "RejectedError",
+    "RemoteError",
+    "RemoteProtocolError",
+    "SkillSpec",
+    "TaskCancelled",
+    "TaskContext",
+    "TaskError",
+    "TaskFuture",
+    "TaskLost",
+    "TaskTimeout",
+    "ZlinkError",
+    "__version__",
+    "current_task",
+    "skill",
+]

@@ -1,0 +1,393 @@
+"""The connection every node and client keeps to the broker (internal).
+
+One I/O thread per peer owns all its sockets: the DEALER to the broker, the
+SUB that hears the broker's beacon, and the socket monitor that turns a refused
+CurveZMQ handshake into :class:`AuthenticationError`. Other threads never touch
+a socket: they hand closures to the I/O thread with :meth:`call_soon`.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+import os
+import random
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from . import protocol as P
+from .errors import AuthenticationError, ClosedError, ConnectError, RemoteProtocolError, ZlinkError
+from .security import Join
+
+log = logging.getLogger("zlink.peer")
+
+_HANDSHAKE_FAILED: Final = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+_MONITOR_EVENTS: Final = _HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+AGENT: Final = "zlink"
+
+
+def curve_client(sock: zmq.Socket[Any], join: Join) -> None:
+    sock.curve_serverkey = join.broker_key.encode("ascii")
+    sock.curve_publickey = join.keys.public.encode("ascii")
+    assert join.keys.secret is not None
+    sock.curve_secretkey = join.keys.secret.encode("ascii")
+
+
+def tune_reconnect(sock: zmq.Socket[Any]) -> None:
+    """Exponential reconnect backoff with per-socket jitter (no reconnect storms)."""
+    sock.setsockopt(zmq.RECONNECT_IVL, random.randint(80, 250))
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, random.randint(2000, 4000))
+    sock.setsockopt(zmq.LINGER, 0)
+
+
+def with_port(endpoint: str, port: int) -> str:
+    host = urlsplit(endpoint).hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"tcp://{host}:{port}"
+
+
+class Waker:
+    """Wakes the I/O thread's poll from any thread, at most one byte in flight."""
+
+    def __init__(self) -> None:
+        self.r, self.w = socket.socketpair()
+        self.r.setblocking(False)
+        self.w.setblocking(False)
+        self.armed = False
+
+    def wake(self) -> None:
+        if not self.armed:
+            self.armed = True
+            try:
+                self.w.send(b"x")
+            except (BlockingIOError, OSError):
+                pass
+
+    def clear(self) -> None:
+        self.armed = False
+        try:
+            while self.r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        self.r.close()
+        self.w.close()
+
+
+class PeerLink(ABC):
+    """Base of Node and Client: connection, handshake, epochs, the I/O loop.
+
+    Subclasses provide :meth:`hello`, :meth:`on_message`, and may override
+    :meth:`on_welcome`, :meth:`on_tick` and :meth:`on_close`.
+    """
+
+    hat: str = "client"
+
+    def __init__(
+        self,
+        join: str | Join | None,
+        *,
+        name: str | None,
+        connect_timeout: float,
+        heartbeat_interval: float | None = None,
+        liveness: int | None = None,
+    ) -> None:
+        self.join = Join.from_env(join)
+        self.name = name or self.join.name or f"{socket.gethostname()}-{os.getpid()}"
+        self.connect_timeout = connect_timeout
+        self.session = os.urandom(8)
+        self.epoch: bytes | None = None
+        self.welcome: P.Welcome | None = None
+        self.max_message_size = 16 * 1024 * 1024
+        self.heartbeat_interval = heartbeat_interval or 0.5
+        self.liveness = liveness or 3
+        self._want_interval = heartbeat_interval
+        self._want_liveness = liveness
+        self._calls: deque[Callable[[], None]] = deque()
+        self._waker = Waker()
+        self._closing = False
+        self._closed = threading.Event()
+        self._ready = threading.Event()
+        self._fatal: ZlinkError | None = None
+        self._last_beacon = 0.0
+        self._hello_sent = 0.0
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._thread = threading.Thread(target=self._run, name=f"zlink-{self.hat}-io", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _connect(self) -> None:
+        """Start the I/O thread and wait for WELCOME (or a clear failure)."""
+        self._thread.start()
+        if not self._ready.wait(self.connect_timeout):
+            self._closing = True
+            self._waker.wake()
+            self._thread.join(2.0)
+            self._term()
+            if self._fatal is not None:
+                raise self._fatal
+            raise ConnectError(
+                f"could not reach the broker at {', '.join(self.join.endpoints)} within "
+                f"{self.connect_timeout:g} s (is it running, and is the port reachable?)"
+            )
+        if self._fatal is not None:
+            self._thread.join(2.0)
+            self._term()
+            raise self._fatal
+
+    def _term(self) -> None:
+        try:
+            self._ctx.term()
+        except zmq.ZMQError:
+            pass
+        self._waker.close()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Say BYE and stop the I/O thread. Idempotent."""
+        if self._closed.is_set() or not self._thread.is_alive():
+            if not self._closed.is_set():
+                self._closed.set()
+            return
+        self._closing = True
+        self._waker.wake()
+        self._thread.join(timeout)
+        self._closed.set()
+        if not self._thread.is_alive():
+            self._term()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set() or self._closing
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the I/O thread (thread-safe)."""
+        if self._closing:
+            raise ClosedError(f"this {self.hat} is closed")
+        self._calls.append(fn)
+        self._waker.wake()
+
+    # ------------------------------------------------------------------ hooks
+
+    @abstractmethod
+    def hello(self) -> P.Hello:
+        """The HELLO this peer registers with."""
+
+    @abstractmethod
+    def on_message(self, msg: P.Message, frames: list[zmq.Frame]) -> None:
+        """Every message from the broker but WELCOME (I/O thread)."""
+
+    def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
+        """After every WELCOME; ``new_epoch`` when the broker restarted."""
+
+    def on_tick(self, now: float) -> None:
+        """Called at least every ``tick_interval`` seconds on the I/O thread."""
+
+    def on_close(self) -> None:
+        """On the I/O thread, just before the sockets close."""
+
+    def on_poll(self) -> None:
+        """On the I/O thread after every wake-up of its poll loop."""
+
+    def on_fatal(self, exc: ZlinkError) -> None:
+        """The link cannot go on (e.g. the key was revoked)."""
+
+    tick_interval: float = 0.05
+
+    # ------------------------------------------------------------------ I/O thread
+
+    def send(self, msg: P.Message, frames: list[Any] | None = None) -> None:
+        """Send on the DEALER (I/O thread only)."""
+        header = P.encode(msg)
+        try:
+            if frames:
+                self._sock.send_multipart([header, *frames], copy=False)
+            else:
+                self._sock.send(header)
+        except zmq.ZMQError as exc:  # pragma: no cover - context torn down under us
+            log.debug("send failed: %s", exc)
+
+    def _send_hello(self) -> None:
+        self._hello_sent = time.monotonic()
+        self.send(self.hello())
+
+    def _run(self) -> None:
+        ctx = self._ctx
+        sock = self._sock = ctx.socket(zmq.DEALER)
+        curve_client(sock, self.join)
+        tune_reconnect(sock)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+        beacon = ctx.socket(zmq.SUB)
+        curve_client(beacon, self.join)
+        tune_reconnect(beacon)
+        beacon.setsockopt(zmq.SUBSCRIBE, b"")
+        self._beacon_sock = beacon
+        self._beacon_connected = False
+        self.setup(ctx)
+        for ep in self.join.endpoints[:1]:
+            sock.connect(ep)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        poller.register(beacon, zmq.POLLIN)
+        poller.register(self._waker.r, zmq.POLLIN)
+        self._send_hello()
+        next_tick = time.monotonic()
+        handshake_failures = 0
+        try:
+            while not self._closing:
+                timeout = max(0.0, next_tick - time.monotonic())
+                events = dict(poller.poll(timeout * 1000))
+                if self._waker.r in events:
+                    self._waker.clear()
+                while self._calls:
+                    try:
+                        self._calls.popleft()()
+                    except ZlinkError as exc:  # a closure's failure belongs to its caller
+                        log.debug("call failed: %s", exc)
+                if sock in events:
+                    for _ in range(1000):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._dispatch(frames)
+                if beacon in events:
+                    self._drain_beacon(beacon)
+                if monitor in events:
+                    while True:
+                        try:
+                            ev = recv_monitor_message(monitor, zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        kind = ev["event"]
+                        if kind & _HANDSHAKE_FAILED:
+                            handshake_failures += 1
+                            if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH or handshake_failures >= 2:
+                                self._auth_failed()
+                        elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                            handshake_failures = 0
+                self.on_poll()
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + self.tick_interval
+                    self._check_link(now)
+                    self.on_tick(now)
+        except Exception:  # pragma: no cover - a bug: surface it rather than hang callers
+            log.exception("zlink %s I/O thread crashed", self.hat)
+            self._fatal = self._fatal or ConnectError("the zlink I/O thread crashed; see the log")
+            self._ready.set()
+        finally:
+            try:
+                if self.welcome is not None and self._fatal is None:
+                    self.on_close()
+                    self.send(P.Bye(reason="closing"))
+            finally:
+                try:
+                    sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+                for s in (monitor, beacon, sock):
+                    s.close(linger=0 if self._fatal else 200)
+                self.teardown()
+                self._closed.set()
+
+    def setup(self, ctx: zmq.Context[Any]) -> None:
+        """Extra sockets a subclass needs (I/O thread, before connecting)."""
+
+    def teardown(self) -> None:
+        """Close what :meth:`setup` opened."""
+
+    def _auth_failed(self) -> None:
+        exc = AuthenticationError(
+            f"the broker at {', '.join(self.join.endpoints)} refused this key "
+            f"({self.join.keys.public[:8]}...): it is not authorised, was revoked, "
+            "or the join string names the wrong broker key"
+        )
+        self._fatal = exc
+        self._closing = True
+        self._ready.set()
+        self.on_fatal(exc)
+
+    def _check_link(self, now: float) -> None:
+        # re-send HELLO if a WELCOME is overdue (lost on a reconnect, or broker restart)
+        if self.welcome is None and now - self._hello_sent > max(1.0, self.heartbeat_interval * 2):
+            self._send_hello()
+
+    def _drain_beacon(self, beacon: zmq.Socket[Any]) -> None:
+        while True:
+            try:
+                data = beacon.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode(data)
+            except RemoteProtocolError:
+                continue
+            if type(msg) is P.Beacon:
+                self._last_beacon = time.monotonic()
+                if self.epoch is not None and msg.epoch != self.epoch and self.welcome is not None:
+                    log.info("broker restarted (new epoch %s): registering again", msg.epoch.hex())
+                    self.welcome = None
+                    self._send_hello()
+
+    def _dispatch(self, frames: list[zmq.Frame]) -> None:
+        try:
+            msg = P.decode(frames[0].buffer, len(frames) - 1)
+        except RemoteProtocolError as exc:
+            log.warning("dropped a malformed message from the broker: %s", exc)
+            return
+        if type(msg) is P.Welcome:
+            self._on_welcome(msg)
+            return
+        if type(msg) is P.Error:
+            if msg.code == "hello-first":
+                if now_overdue(self._hello_sent, 0.2):
+                    self.welcome = None
+                    self._send_hello()
+                return
+            if msg.code in ("forbidden", "bad-role", "bad-hello", "unauthenticated", "revoked") and not msg.tids:
+                exc = AuthenticationError(f"the broker refused this {self.hat}: {msg.message}")
+                if not self._ready.is_set() or msg.code == "revoked":
+                    self._fatal = exc
+                    self._closing = True
+                    self._ready.set()
+                    self.on_fatal(exc)
+                    return
+        self.on_message(msg, frames[1:])
+
+    def _on_welcome(self, msg: P.Welcome) -> None:
+        new_epoch = self.epoch is not None and msg.epoch != self.epoch
+        first = self.epoch is None
+        self.epoch = msg.epoch
+        self.welcome = msg
+        self.name = msg.name
+        self.max_message_size = msg.max_message_size
+        self.heartbeat_interval = msg.heartbeat_interval
+        self.liveness = msg.liveness
+        self._last_beacon = time.monotonic()
+        if first and msg.beacon_port and not self._beacon_connected:
+            self._beacon_sock.connect(with_port(self.join.endpoints[0], msg.beacon_port))
+            self._beacon_connected = True
+        self.on_welcome(msg, new_epoch)
+        self._ready.set()
+
+
+def now_overdue(since: float, seconds: float) -> bool:
+    return time.monotonic() - since > seconds

@@ -1,0 +1,525 @@
+"""Clients: submit tasks to the swarm and get their results back.
+
+:class:`Client` returns :class:`concurrent.futures.Future` objects and is safe
+to use from many threads; :class:`AsyncClient` is the same client for asyncio.
+A client keeps every unresolved task until its result arrives, so it can
+resubmit after a reconnect or a broker restart; it resolves each future once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any, Final
+
+import zmq
+
+from . import protocol as P
+from ._peer import PeerLink
+from .errors import (
+    ClosedError,
+    RejectedError,
+    RemoteError,
+    RemoteProtocolError,
+    TaskCancelled,
+    TaskLost,
+    TaskTimeout,
+    ZlinkError,
+)
+from .protocol import Outcome
+from .security import Join
+
+__all__ = ["AsyncClient", "Client", "TaskFuture"]
+
+log = logging.getLogger("zlink.client")
+
+_BATCH_ITEMS: Final = 1000
+
+
+class TaskFuture(cf.Future[Any]):
+    """A :class:`concurrent.futures.Future` for one task; ``cancel()`` reaches the broker."""
+
+    def __init__(self, client: Client, tid: bytes, skill: str) -> None:
+        super().__init__()
+        self._client = client
+        self.tid = tid
+        self.skill = skill
+
+    @property
+    def task_id(self) -> str:
+        return self.tid.hex()
+
+    def cancel(self) -> bool:
+        """Cancel the task: dropped at the broker if queued, told to stop if running."""
+        if not super().cancel():
+            return False
+        self._client._cancel_soon(self.tid)
+        return True
+
+    def __repr__(self) -> str:
+        return f"<TaskFuture {self.skill} {self.task_id} {self._state.lower()}>"
+
+
+class _Pending:
+    __slots__ = ("spec", "payload", "future", "deadline")
+
+    def __init__(self, spec: P.TaskSpec, payload: bytes, future: TaskFuture, deadline: float) -> None:
+        self.spec = spec
+        self.payload = payload
+        self.future = future
+        self.deadline = deadline
+
+
+def _resolve(fut: cf.Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
+    try:
+        if exc is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(exc)
+    except cf.InvalidStateError:
+        pass  # cancelled by the user meanwhile
+
+
+def _outcome_error(status: int, payload: Any, tid: bytes) -> ZlinkError:
+    task_id = tid.hex()
+    if status == Outcome.ERROR:
+        try:
+            value = P.unpack_value(payload)
+            rtype, rmsg, rtb = str(value[0]), str(value[1]), str(value[2])
+            node = str(value[3]) if len(value) > 3 else None
+        except (RemoteProtocolError, TypeError, IndexError, KeyError):
+            return RemoteError("UnknownError", "the node sent an unreadable error", task_id=task_id)
+        return RemoteError(rtype, rmsg, rtb, task_id=task_id, node=node)
+    try:
+        text = str(P.unpack_value(payload))
+    except RemoteProtocolError:
+        text = ""
+    if status == Outcome.TIMEOUT:
+        return TaskTimeout(text or "task timed out", task_id=task_id)
+    if status == Outcome.LOST:
+        return TaskLost(text or "task lost", task_id=task_id)
+    if status == Outcome.CANCELLED:
+        return TaskCancelled(text or "task cancelled", task_id=task_id)
+    return RejectedError(f"task {task_id} rejected: {text}", code="rejected")
+
+
+class Client(PeerLink):
+    """Submit tasks to skills on the swarm. Thread-safe.
+
+    ::
+
+        with zlink.Client() as client:              # join=None reads $ZLINK_JOIN
+            fut = client.submit("square", 7, timeout=30.0)
+            assert fut.result() == 49
+            assert list(client.map("square", range(1000))) == [x * x for x in range(1000)]
+
+    The constructor connects and raises :class:`~zlink.ConnectError` or
+    :class:`~zlink.AuthenticationError` when it cannot.
+    """
+
+    hat = "client"
+
+    def __init__(
+        self,
+        join: str | Join | None = None,
+        *,
+        name: str | None = None,
+        connect_timeout: float = 10.0,
+        heartbeat_interval: float | None = None,
+        liveness: int | None = None,
+    ) -> None:
+        super().__init__(
+            join, name=name, connect_timeout=connect_timeout,
+            heartbeat_interval=heartbeat_interval, liveness=liveness,
+        )  # fmt: skip
+        self._counter = itertools.count(1)
+        self._outgoing: deque[_Pending] = deque()
+        self._pending: dict[bytes, _Pending] = {}
+        self._deadlines: list[tuple[float, bytes]] = []
+        self._status_waiters: deque[cf.Future[dict[str, Any]]] = deque()
+        self._connect()
+
+    # ------------------------------------------------------------------ public API
+
+    def submit(
+        self,
+        skill: str,
+        /,
+        *args: Any,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        reads: Iterable[str] = (),
+        writes: Iterable[str] = (),
+        **kwargs: Any,
+    ) -> TaskFuture:
+        """Run ``skill(*args, **kwargs)`` on a node; returns a future for its result.
+
+        Raises ``TypeError`` at once when an argument is not a msgpack value.
+        ``timeout`` (seconds) bounds the whole task, queueing included.
+        """
+        if self.closed:
+            raise ClosedError("this client is closed")
+        if not isinstance(skill, str) or not skill or len(skill) > P.MAX_NAME:
+            raise ValueError(f"invalid skill name {skill!r}")
+        if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+            raise ValueError("timeout must be a positive number of seconds or None")
+        if not 1 <= max_attempts <= 100:
+            raise ValueError("max_attempts must be between 1 and 100")
+        payload = P.pack_value([args, kwargs] if kwargs else [args])
+        if len(payload) > self.max_message_size - 4096:
+            raise RejectedError(
+                f"task arguments are {len(payload)} bytes; the broker accepts at most "
+                f"{self.max_message_size} per message",
+                code="too-large",
+            )
+        tid = self.session + next(self._counter).to_bytes(8, "big")
+        spec = P.TaskSpec(tid, skill, timeout, max_attempts, tuple(reads), tuple(writes))
+        fut = TaskFuture(self, tid, skill)
+        deadline = time.monotonic() + timeout if timeout is not None else math.inf
+        self._outgoing.append(_Pending(spec, payload, fut, deadline))
+        self._waker.wake()
+        return fut
+
+    def map(
+        self,
+        skill: str,
+        iterable: Iterable[Any],
+        *,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        window: int = 1000,
+        ordered: bool = True,
+    ) -> Iterator[Any]:
+        """Run ``skill(item)`` for every item; yield results in input order.
+
+        At most ``window`` tasks are in flight; the iterable is consumed lazily.
+        With ``ordered=False`` results come in completion order. The first
+        failed task raises its error; leaving the loop early cancels the rest.
+        """
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        return self._map(skill, iter(iterable), timeout, max_attempts, window, ordered)
+
+    def _map(
+        self, skill: str, it: Iterator[Any], timeout: float | None, max_attempts: int, window: int, ordered: bool
+    ) -> Iterator[Any]:
+        inflight: deque[TaskFuture] = deque()
+        done_q: deque[TaskFuture] = deque()
+        ready = threading.Condition()
+
+        def on_done(f: cf.Future[Any]) -> None:
+            with ready:
+                done_q.append(f)  # type: ignore[arg-type]
+                ready.notify()
+
+        def refill() -> None:
+            while len(inflight) < window:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                fut = self.submit(skill, item, timeout=timeout, max_attempts=max_attempts)
+                if not ordered:
+                    fut.add_done_callback(on_done)
+                inflight.append(fut)
+
+        try:
+            refill()
+            while inflight:
+                if ordered:
+                    fut = inflight.popleft()
+                    value = fut.result()
+                else:
+                    with ready:
+                        while not done_q:
+                            ready.wait()
+                        fut = done_q.popleft()
+                    inflight.remove(fut)
+                    value = fut.result()
+                refill()
+                yield value
+        finally:
+            for f in inflight:
+                f.cancel()
+
+    def as_completed(self, futures: Iterable[cf.Future[Any]], timeout: float | None = None) -> Iterator[cf.Future[Any]]:
+        """:func:`concurrent.futures.as_completed` over task futures."""
+        return cf.as_completed(list(futures), timeout=timeout)
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The broker's view: nodes, queued tasks per skill, counters."""
+        fut: cf.Future[dict[str, Any]] = cf.Future()
+
+        def ask() -> None:
+            self._status_waiters.append(fut)
+            self.send(P.Status())
+
+        self.call_soon(ask)
+        try:
+            return fut.result(timeout)
+        except cf.TimeoutError:
+            raise TaskTimeout(f"the broker did not answer STATUS within {timeout:g} s") from None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Leave the swarm; tasks still unresolved are cancelled and fail with ClosedError."""
+        super().close(timeout)
+        self._fail_all(ClosedError("the client was closed before the task finished"))
+
+    # ------------------------------------------------------------------ I/O thread
+
+    def _cancel_soon(self, tid: bytes) -> None:
+        if self.closed:
+            return
+
+        def cancel() -> None:
+            pend = self._pending.pop(tid, None)
+            if pend is not None and self.welcome is not None:
+                self.send(P.Cancel(tids=(tid,)))
+            elif pend is None:
+                # still in the outgoing queue: it will be skipped when drained
+                pass
+
+        try:
+            self.call_soon(cancel)
+        except ClosedError:
+            pass
+
+    def hello(self) -> P.Hello:
+        return P.Hello(name=self.name, role="client", session=self.session, epoch=self.epoch, agent="zlink-client")
+
+    def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
+        if self._pending:
+            # after a reconnect or a broker restart: the broker drops duplicates
+            self._send_tasks(list(self._pending.values()))
+
+    def on_poll(self) -> None:
+        out = self._outgoing
+        if not out:
+            return
+        batch: list[_Pending] = []
+        heap = self._deadlines
+        while out:
+            pend = out.popleft()
+            if pend.future.cancelled():
+                continue
+            self._pending[pend.spec.tid] = pend
+            if pend.deadline != math.inf:
+                heapq.heappush(heap, (pend.deadline, pend.spec.tid))
+            batch.append(pend)
+        if self.welcome is not None:
+            self._send_tasks(batch)
+
+    def _send_tasks(self, pends: list[_Pending]) -> None:
+        limit = max(1024, self.max_message_size // 2)
+        i = 0
+        while i < len(pends):
+            specs: list[P.TaskSpec] = []
+            frames: list[bytes] = []
+            size = 0
+            while i < len(pends) and len(specs) < _BATCH_ITEMS and (size < limit or not specs):
+                p = pends[i]
+                i += 1
+                if p.future.done():
+                    continue
+                spec = p.spec
+                if spec.timeout is not None:  # send the time left, not the original
+                    spec = P.TaskSpec(
+                        spec.tid, spec.skill, max(0.001, p.deadline - time.monotonic()),
+                        spec.max_attempts, spec.reads, spec.writes,
+                    )  # fmt: skip
+                specs.append(spec)
+                frames.append(p.payload)
+                size += len(p.payload) + 64
+            if specs:
+                self.send(P.Submit(tasks=tuple(specs)), frames)
+
+    def on_message(self, msg: P.Message, frames: list[zmq.Frame]) -> None:
+        t = type(msg)
+        if t is P.Result:
+            pending = self._pending
+            for item, frame in zip(msg.results, frames, strict=True):  # type: ignore[attr-defined]
+                if item.status == Outcome.PARTIAL:
+                    continue  # streaming partial results arrive with issue #4's stream()
+                pend = pending.pop(item.tid, None)
+                if pend is None:
+                    continue  # a duplicate (resubmission raced a result): first one won
+                if item.status == Outcome.OK:
+                    try:
+                        _resolve(pend.future, P.unpack_value(frame.buffer))
+                    except RemoteProtocolError as exc:
+                        _resolve(pend.future, exc=exc)
+                else:
+                    _resolve(pend.future, exc=_outcome_error(item.status, frame.buffer, item.tid))
+        elif t is P.StatusReply:
+            if self._status_waiters:
+                _resolve(self._status_waiters.popleft(), msg.status)  # type: ignore[attr-defined]
+        elif t is P.Error:
+            err: P.Error = msg  # type: ignore[assignment]
+            if err.tids:
+                for tid in err.tids:
+                    pend = self._pending.pop(tid, None)
+                    if pend is not None:
+                        _resolve(pend.future, exc=RejectedError(f"{err.code}: {err.message}", code=err.code))
+            elif err.code == "forbidden" and self._status_waiters:
+                _resolve(self._status_waiters.popleft(), exc=RejectedError(err.message, code=err.code))
+            else:
+                log.warning("broker error %s: %s", err.code, err.message)
+
+    def on_tick(self, now: float) -> None:
+        heap = self._deadlines
+        expired: list[bytes] = []
+        while heap and heap[0][0] <= now:
+            _, tid = heapq.heappop(heap)
+            pend = self._pending.pop(tid, None)
+            if pend is None:
+                continue
+            expired.append(tid)
+            _resolve(pend.future, exc=TaskTimeout(
+                f"task {tid.hex()} ({pend.spec.skill}) did not finish within {pend.spec.timeout:g} s",
+                task_id=tid.hex(),
+            ))  # fmt: skip
+        if expired and self.welcome is not None:
+            self.send(P.Cancel(tids=tuple(expired)))
+
+    def on_fatal(self, exc: ZlinkError) -> None:
+        self._fail_all(exc)
+
+    def _fail_all(self, exc: ZlinkError) -> None:
+        for pend in list(self._pending.values()):
+            _resolve(pend.future, exc=exc)
+        self._pending.clear()
+        while self._outgoing:
+            _resolve(self._outgoing.popleft().future, exc=exc)
+        while self._status_waiters:
+            _resolve(self._status_waiters.popleft(), exc=exc)
+
+
+class AsyncClient:
+    """The asyncio face of :class:`Client`: ``await client.submit(...)`` gives the result.
+
+    ::
+
+        async with zlink.AsyncClient() as client:
+            assert await client.submit("square", 7) == 49
+            async for r in client.map("square", range(10)):
+                ...
+    """
+
+    def __init__(
+        self,
+        join: str | Join | None = None,
+        *,
+        name: str | None = None,
+        connect_timeout: float = 10.0,
+        heartbeat_interval: float | None = None,
+        liveness: int | None = None,
+    ) -> None:
+        self._args: dict[str, Any] = dict(
+            join=join, name=name, connect_timeout=connect_timeout,
+            heartbeat_interval=heartbeat_interval, liveness=liveness,
+        )  # fmt: skip
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        """The underlying thread-based client (connect first)."""
+        if self._client is None:
+            raise ClosedError("AsyncClient is not connected: use 'async with' or await connect()")
+        return self._client
+
+    async def connect(self) -> AsyncClient:
+        if self._client is None:
+            loop = asyncio.get_running_loop()
+            self._client = await loop.run_in_executor(None, lambda: Client(**self._args))
+        return self
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await asyncio.get_running_loop().run_in_executor(None, client.close)
+
+    async def __aenter__(self) -> AsyncClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def submit(
+        self,
+        skill: str,
+        /,
+        *args: Any,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        reads: Iterable[str] = (),
+        writes: Iterable[str] = (),
+        **kwargs: Any,
+    ) -> Any:
+        """Run a task and return its result (cancelling the await cancels the task)."""
+        fut = self.client.submit(
+            skill, *args, timeout=timeout, max_attempts=max_attempts, reads=reads, writes=writes, **kwargs
+        )
+        return await asyncio.wrap_future(fut)
+
+    async def map(
+        self,
+        skill: str,
+        iterable: Iterable[Any],
+        *,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        window: int = 1000,
+        ordered: bool = True,
+    ) -> AsyncIterator[Any]:
+        """Async generator with the same semantics as :meth:`Client.map`."""
+        client = self.client
+        it = iter(iterable)
+        inflight: deque[asyncio.Future[Any]] = deque()
+        futs: dict[asyncio.Future[Any], TaskFuture] = {}
+
+        def refill() -> None:
+            while len(inflight) < window:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                tf = client.submit(skill, item, timeout=timeout, max_attempts=max_attempts)
+                af = asyncio.wrap_future(tf)
+                futs[af] = tf
+                inflight.append(af)
+
+        try:
+            refill()
+            while inflight:
+                if ordered:
+                    af = inflight.popleft()
+                    value = await af
+                else:
+                    done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    af = done.pop()
+                    inflight.remove(af)
+                    value = af.result()
+                futs.pop(af, None)
+                refill()
+                yield value
+        finally:
+            for tf in futs.values():
+                tf.cancel()
+
+    async def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: self.client.status(timeout))

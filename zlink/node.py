@@ -1,0 +1,531 @@
+"""The node runtime: register skills, run the tasks the broker sends.
+
+A skill is an ordinary function (or ``async def``) marked with
+:func:`skill`. A :class:`Node` runs sync skills in ``slots`` worker threads and
+coroutine skills on one event loop thread, at most ``slots`` tasks at a time,
+and heartbeats from its own thread so that busy task code cannot make it look
+dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import importlib
+import importlib.util
+import inspect
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+import types
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, overload
+
+import zmq
+
+from . import protocol as P
+from ._peer import PeerLink, curve_client, tune_reconnect, with_port
+from .errors import ConfigError, RemoteProtocolError, ZlinkError
+from .protocol import Outcome
+from .security import Join
+
+__all__ = ["Node", "SkillSpec", "TaskContext", "current_task", "skill"]
+
+log = logging.getLogger("zlink.node")
+
+F = TypeVar("F", bound=Callable[..., Any])
+_ATTR = "__zlink_skill__"
+
+
+# --------------------------------------------------------------------------- skills
+
+
+@dataclass(frozen=True, slots=True)
+class SkillSpec:
+    """What :func:`skill` records about a function."""
+
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    examples: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def wire(self) -> dict[str, Any]:
+        """The metadata a node announces for this skill (no code, no secrets)."""
+        out: dict[str, Any] = {"description": self.description[:1000]}
+        if self.tags:
+            out["tags"] = list(self.tags)
+        if self.examples:
+            out["examples"] = list(self.examples)
+        out.update(self.meta)
+        return out
+
+
+def _make_spec(fn: Callable[..., Any], name: str | None, **meta: Any) -> SkillSpec:
+    if not callable(fn):
+        raise TypeError(f"@zlink.skill needs a function, got {type(fn).__name__}")
+    skill_name = name or getattr(fn, "__name__", "")
+    if not skill_name or len(skill_name) > P.MAX_NAME:
+        raise ValueError(f"invalid skill name {skill_name!r}")
+    doc = inspect.getdoc(fn) or ""
+    description = meta.pop("description", None) or (doc.split("\n\n", 1)[0] if doc else "")
+    return SkillSpec(
+        name=skill_name,
+        fn=fn,
+        is_async=inspect.iscoroutinefunction(fn),
+        description=description,
+        tags=tuple(meta.pop("tags", ()) or ()),
+        examples=tuple(meta.pop("examples", ()) or ()),
+        meta=meta,
+    )
+
+
+@overload
+def skill(name: F, /) -> F: ...
+@overload
+def skill(
+    name: str | None = None, /, *, description: str | None = None, tags: Iterable[str] = (), examples: Iterable[str] = ()
+) -> Callable[[F], F]: ...
+def skill(
+    name: str | Callable[..., Any] | None = None,
+    /,
+    *,
+    description: str | None = None,
+    tags: Iterable[str] = (),
+    examples: Iterable[str] = (),
+) -> Any:
+    """Mark a function as a zlink skill; the function itself is returned unchanged.
+
+    ::
+
+        @zlink.skill()
+        def square(x: int) -> int:
+            return x * x
+
+        @zlink.skill("summarize", tags=["text"])
+        async def summarize_doc(text: str) -> str: ...
+
+    The skill name defaults to the function's name, the description to the
+    first paragraph of its docstring. Arguments and results must be msgpack
+    values.
+    """
+    if callable(name):  # bare @zlink.skill
+        fn = name
+        setattr(fn, _ATTR, _make_spec(fn, None))
+        return fn
+
+    def mark(fn: F) -> F:
+        setattr(fn, _ATTR, _make_spec(fn, name, description=description, tags=tuple(tags), examples=tuple(examples)))
+        return fn
+
+    return mark
+
+
+def skill_spec(obj: Any) -> SkillSpec | None:
+    spec = getattr(obj, _ATTR, None)
+    return spec if isinstance(spec, SkillSpec) else None
+
+
+def load_skills_module(target: str) -> types.ModuleType:
+    """Import a module by dotted name, or load a ``.py`` file by path."""
+    path = Path(target)
+    if target.endswith(".py") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"skills file {target} does not exist")
+        mod_name = f"zlink_skills_{path.stem}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"cannot load {target} as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        parent = str(path.resolve().parent)
+        if parent not in sys.path:
+            sys.path.insert(0, parent)
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import skills module {target!r}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- the running task
+
+
+class TaskContext:
+    """What a running skill can learn about its task: ``zlink.current_task()``."""
+
+    __slots__ = ("id", "skill", "attempt", "deadline", "_cancelled", "_future")
+
+    def __init__(self, tid: bytes, skill_name: str, attempt: int, timeout: float | None) -> None:
+        self.id = tid.hex()
+        self.skill = skill_name
+        self.attempt = attempt
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self._cancelled = False
+        self._future: Any = None
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the client cancelled the task or its timeout passed; poll it in long loops."""
+        return self._cancelled
+
+    def _cancel(self) -> None:
+        self._cancelled = True
+        fut = self._future
+        if fut is not None:
+            fut.cancel()
+
+
+_current: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar("zlink_task", default=None)
+
+
+def current_task() -> TaskContext:
+    """The task the calling skill code is running (raises outside a skill)."""
+    ctx = _current.get()
+    if ctx is None:
+        raise RuntimeError("zlink.current_task() called outside a running skill")
+    return ctx
+
+
+class _Job:
+    __slots__ = ("item", "payload", "ctx")
+
+    def __init__(self, item: P.DispatchItem, payload: zmq.Frame, ctx: TaskContext) -> None:
+        self.item = item
+        self.payload = payload
+        self.ctx = ctx
+
+
+def _error_payload(exc: BaseException, node: str) -> bytes:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    t = type(exc)
+    type_name = t.__qualname__ if t.__module__ in ("builtins", "__main__") else f"{t.__module__}.{t.__qualname__}"
+    return P.pack_value([type_name, str(exc)[:10_000], tb[-20_000:], node])
+
+
+# --------------------------------------------------------------------------- the node
+
+
+class Node(PeerLink):
+    """A worker that runs skills for the swarm.
+
+    ::
+
+        node = zlink.Node(join=None, slots=4)   # join=None reads $ZLINK_JOIN
+        node.add_skills(my_module)              # every @zlink.skill function in it
+        node.run()                              # until SIGINT/SIGTERM or node.stop()
+    """
+
+    hat = "node"
+
+    def __init__(
+        self,
+        join: str | Join | None = None,
+        *,
+        slots: int = 4,
+        name: str | None = None,
+        prefetch: int | None = None,
+        connect_timeout: float = 10.0,
+        heartbeat_interval: float | None = None,
+        liveness: int | None = None,
+    ) -> None:
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        super().__init__(
+            join, name=name, connect_timeout=connect_timeout,
+            heartbeat_interval=heartbeat_interval, liveness=liveness,
+        )  # fmt: skip
+        self.slots = slots
+        self.prefetch = slots if prefetch is None else max(0, prefetch)
+        self.skills: dict[str, SkillSpec] = {}
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._done: deque[tuple[bytes, int, int, bytes]] = deque()
+        self._running: dict[bytes, TaskContext] = {}
+        self._workers: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._started = False
+        self._hb_thread: threading.Thread | None = None
+        self.completed = 0
+
+    # ------------------------------------------------------------------ skills
+
+    def skill(self, name: str | None = None, **meta: Any) -> Callable[[F], F]:
+        """Decorator: register a function with this node (and mark it a skill)."""
+
+        def mark(fn: F) -> F:
+            spec = _make_spec(fn, name, **meta)
+            setattr(fn, _ATTR, spec)
+            self._register(spec)
+            return fn
+
+        return mark
+
+    def add_skills(self, *sources: Any) -> list[str]:
+        """Register skills from modules, module names, ``.py`` paths or functions.
+
+        Only functions marked with ``@zlink.skill`` are taken from a module.
+        Returns the names registered.
+        """
+        names: list[str] = []
+        for src in sources:
+            if isinstance(src, str | Path):
+                src = load_skills_module(str(src))
+            if isinstance(src, types.ModuleType):
+                found = [s for s in (skill_spec(v) for v in vars(src).values()) if s is not None]
+                if not found:
+                    raise ConfigError(f"module {src.__name__} has no function decorated with @zlink.skill")
+                for spec in found:
+                    names.append(self._register(spec))
+            elif callable(src):
+                spec = skill_spec(src) or _make_spec(src, None)
+                names.append(self._register(spec))
+            elif isinstance(src, Iterable):
+                names.extend(self.add_skills(*src))
+            else:
+                raise TypeError(f"cannot take skills from {type(src).__name__}")
+        return names
+
+    def _register(self, spec: SkillSpec) -> str:
+        if self._started:
+            raise ConfigError("add skills before the node starts")
+        self.skills[spec.name] = spec
+        return spec.name
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Node:
+        """Connect and start serving in background threads; returns self."""
+        if not self.skills:
+            raise ConfigError("this node has no skills: use add_skills() or @node.skill first")
+        if self._started:
+            return self
+        self._started = True
+        for i in range(self.slots):
+            t = threading.Thread(target=self._worker, name=f"zlink-slot-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+        if any(s.is_async for s in self.skills.values()):
+            self._loop = asyncio.new_event_loop()
+            self._loop_thread = threading.Thread(target=self._loop.run_forever, name="zlink-async", daemon=True)
+            self._loop_thread.start()
+        try:
+            self._connect()
+        except BaseException:
+            self._shutdown_workers()
+            raise
+        log.info("node %s serving %s with %d slots", self.name, ", ".join(sorted(self.skills)), self.slots)
+        return self
+
+    def run(self, *, handle_signals: bool = True) -> None:
+        """Start, then block until SIGINT/SIGTERM or :meth:`stop`."""
+        self.start()
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: self._stop.set())
+        try:
+            while not self._stop.wait(0.2):
+                if self.closed:
+                    break
+        finally:
+            self.stop()
+        if self._fatal is not None:
+            raise self._fatal
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking tasks, leave the swarm and stop the threads."""
+        self._stop.set()
+        self.close(timeout)
+        self._shutdown_workers()
+
+    def _shutdown_workers(self) -> None:
+        for ctx in list(self._running.values()):
+            ctx._cancel()
+        for _ in self._workers:
+            self._jobs.put(None)
+        for t in self._workers:
+            t.join(1.0)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._loop_thread is not None:
+                self._loop_thread.join(1.0)
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ link hooks (I/O thread)
+
+    def hello(self) -> P.Hello:
+        return P.Hello(
+            name=self.name, role="node", session=self.session,
+            skills={n: s.wire() for n, s in self.skills.items()},
+            slots=self.slots, prefetch=self.prefetch,
+            running=tuple((tid, c.attempt) for tid, c in self._running.items()),
+            epoch=self.epoch, agent="zlink-node",
+        )  # fmt: skip
+
+    def setup(self, ctx: zmq.Context[Any]) -> None:
+        self._hb_stop = threading.Event()
+
+    def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
+        if welcome.heartbeat_port and self._hb_thread is None:
+            endpoint = with_port(self.join.endpoints[0], welcome.heartbeat_port)
+            self._hb_thread = threading.Thread(
+                target=self._heartbeat_loop, args=(endpoint,), name="zlink-heartbeat", daemon=True
+            )
+            self._hb_thread.start()
+
+    def teardown(self) -> None:
+        self._hb_stop.set()
+        if self._hb_thread is not None:
+            self._hb_thread.join(2.0)
+
+    def on_message(self, msg: P.Message, frames: list[zmq.Frame]) -> None:
+        t = type(msg)
+        if t is P.Dispatch:
+            for item, payload in zip(msg.tasks, frames, strict=True):  # type: ignore[attr-defined]
+                if item.tid in self._running:
+                    continue  # a duplicate dispatch of something we run already
+                ctx = TaskContext(item.tid, item.skill, item.attempt, item.timeout)
+                self._running[item.tid] = ctx
+                self._jobs.put(_Job(item, payload, ctx))
+        elif t is P.Cancel:
+            for tid in msg.tids:  # type: ignore[attr-defined]
+                ctx = self._running.get(tid)
+                if ctx is not None:
+                    ctx._cancel()
+        elif t is P.Error:
+            log.warning("broker error %s: %s", msg.code, msg.message)  # type: ignore[attr-defined]
+
+    def on_poll(self) -> None:
+        self._flush_results()
+
+    def on_close(self) -> None:
+        self._flush_results()
+
+    def on_fatal(self, exc: ZlinkError) -> None:
+        log.error("%s", exc)
+        self._stop.set()
+
+    def _flush_results(self) -> None:
+        done = self._done
+        if not done:
+            return
+        items: list[P.ResultItem] = []
+        frames: list[bytes] = []
+        while done:
+            tid, attempt, status, payload = done.popleft()
+            if self._running.get(tid) is not None and self._running[tid].attempt == attempt:
+                del self._running[tid]
+            items.append(P.ResultItem(tid, attempt, status))
+            frames.append(payload)
+            if len(items) >= 1000:
+                self.send(P.Result(results=tuple(items)), frames)
+                items, frames = [], []
+        if items:
+            self.send(P.Result(results=tuple(items)), frames)
+
+    # ------------------------------------------------------------------ workers
+
+    def _finish(self, tid: bytes, attempt: int, status: int, payload: bytes) -> None:
+        self._done.append((tid, attempt, status, payload))
+        self.completed += 1
+        self._waker.wake()  # the I/O thread sends results on every wake-up
+
+    def _worker(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            item, ctx = job.item, job.ctx
+            if ctx._cancelled:
+                self._finish(item.tid, item.attempt, Outcome.CANCELLED, P.pack_value("cancelled before it started"))
+                continue
+            status, payload = self._execute(job)
+            self._finish(item.tid, item.attempt, status, payload)
+
+    def _execute(self, job: _Job) -> tuple[int, bytes]:
+        item, ctx = job.item, job.ctx
+        spec = self.skills.get(item.skill)
+        if spec is None:
+            return Outcome.ERROR, _error_payload(LookupError(f"no skill {item.skill!r} on this node"), self.name)
+        try:
+            call = P.unpack_value(job.payload.buffer)
+            if type(call) is not list or not 1 <= len(call) <= 2 or type(call[0]) is not list:
+                raise RemoteProtocolError("task payload is not [args, kwargs]", code="bad-payload")
+            args = call[0]
+            kwargs = call[1] if len(call) == 2 and call[1] else {}
+            if type(kwargs) is not dict:
+                raise RemoteProtocolError("task kwargs are not a map", code="bad-payload")
+        except RemoteProtocolError as exc:
+            return Outcome.ERROR, _error_payload(exc, self.name)
+        try:
+            if spec.is_async:
+                result = self._run_async(spec, ctx, args, kwargs)
+            else:
+                token = _current.set(ctx)
+                try:
+                    result = spec.fn(*args, **kwargs)
+                finally:
+                    _current.reset(token)
+            if ctx._cancelled:
+                return Outcome.CANCELLED, P.pack_value("cancelled")
+            return Outcome.OK, P.pack_value(result)
+        except BaseException as exc:  # the skill's failure is the client's to see
+            if ctx._cancelled:
+                return Outcome.CANCELLED, P.pack_value("cancelled")
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                return Outcome.ERROR, _error_payload(RuntimeError(f"skill raised {type(exc).__name__}"), self.name)
+            return Outcome.ERROR, _error_payload(exc, self.name)
+
+    def _run_async(self, spec: SkillSpec, ctx: TaskContext, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        assert self._loop is not None
+
+        async def runner() -> Any:
+            _current.set(ctx)
+            return await spec.fn(*args, **kwargs)
+
+        fut = asyncio.run_coroutine_threadsafe(runner(), self._loop)
+        ctx._future = fut
+        if ctx._cancelled:
+            fut.cancel()
+        return fut.result()
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def _heartbeat_loop(self, endpoint: str) -> None:
+        """Own thread, own socket: keeps beating while task code holds the CPU."""
+        pub = self._ctx.socket(zmq.PUB)
+        try:
+            curve_client(pub, self.join)
+            tune_reconnect(pub)
+            pub.setsockopt(zmq.SNDHWM, 10)
+            pub.connect(endpoint)
+            while not self._hb_stop.wait(self.heartbeat_interval):
+                running = tuple((tid, c.attempt) for tid, c in list(self._running.items()))
+                hb = P.Heartbeat(
+                    session=self.session, epoch=self.epoch,
+                    free=max(0, self.slots - len(running)), running=running[:10_000],
+                )  # fmt: skip
+                try:
+                    pub.send(P.encode(hb), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        except zmq.ZMQError as exc:  # context closed under us at shutdown
+            log.debug("heartbeat thread: %s", exc)
+        finally:
+            pub.close(linger=0)

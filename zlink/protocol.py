@@ -1,0 +1,535 @@
+"""The zlink wire format: pure code, no sockets, no zmq import.
+
+Every message is multipart ``[header, *payload]``. The header is a small
+msgpack map ``{"v": PROTOCOL_VERSION, "c": COMMAND, ...fields}``; the payload
+frames are opaque bytes that the broker forwards untouched. Commands that carry
+tasks or results carry them in batches: item ``i`` of the header's list owns
+payload frame ``i``. See ``docs/protocol.md`` for the full table.
+
+:func:`encode` turns a command object into header bytes, :func:`decode` turns
+header bytes (plus the number of payload frames that came with them) back into
+a command object or raises :class:`~zlink.errors.RemoteProtocolError`. Nothing
+else ever comes out of :func:`decode`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, Final, TypeVar
+
+import msgpack
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "COMMANDS",
+    "PROTOCOL_VERSION",
+    "Beacon",
+    "Bye",
+    "Cancel",
+    "Dispatch",
+    "DispatchItem",
+    "Error",
+    "Heartbeat",
+    "Hello",
+    "Message",
+    "Outcome",
+    "Result",
+    "ResultItem",
+    "Status",
+    "StatusReply",
+    "Submit",
+    "TaskSpec",
+    "Welcome",
+    "decode",
+    "encode",
+    "pack_value",
+    "unpack_value",
+]
+
+PROTOCOL_VERSION: Final = 1
+
+#: Largest header we accept; headers carry metadata only, payloads ride in frames.
+MAX_HEADER_SIZE: Final = 4 * 1024 * 1024
+#: Largest number of tasks or results one message may carry.
+MAX_BATCH: Final = 65_536
+MAX_NAME: Final = 128
+MAX_KEYS: Final = 64
+MAX_ID: Final = 64
+
+
+class Outcome:
+    """Outcome codes carried in result items (plain ints on the wire)."""
+
+    OK: Final = 0  #: payload is the msgpack-encoded return value
+    ERROR: Final = 1  #: payload is msgpack ``[type, message, traceback]``
+    TIMEOUT: Final = 2  #: the broker's deadline for the task passed
+    LOST: Final = 3  #: every attempt died with its node (poison task)
+    CANCELLED: Final = 4  #: the task was cancelled
+    REJECTED: Final = 5  #: the task was refused (bad skill name, quota, ...)
+    PARTIAL: Final = 6  #: a partial result from a generator skill; more follow
+
+    ALL: Final = frozenset({0, 1, 2, 3, 4, 5, 6})
+    FINAL: Final = frozenset({0, 1, 2, 3, 4, 5})
+    NAMES: Final = {
+        0: "ok",
+        1: "error",
+        2: "timeout",
+        3: "lost",
+        4: "cancelled",
+        5: "rejected",
+        6: "partial",
+    }
+
+
+# --------------------------------------------------------------------------- values
+
+
+def pack_value(value: Any) -> bytes:
+    """Encode a user value (args, results) as msgpack.
+
+    Raises ``TypeError`` naming the offending type when ``value`` holds anything
+    but None, bool, int, float, str, bytes, list/tuple and dict.
+    """
+    try:
+        return msgpack.packb(value, use_bin_type=True, strict_types=False, datetime=False)
+    except TypeError as exc:
+        raise TypeError(
+            f"zlink arguments and results must be msgpack values (None, bool, int, "
+            f"float, str, bytes, list, dict): {exc}"
+        ) from None
+    except (OverflowError, ValueError) as exc:
+        raise TypeError(f"value cannot be encoded as msgpack: {exc}") from None
+
+
+def unpack_value(data: bytes | memoryview) -> Any:
+    """Decode a msgpack user value; raises RemoteProtocolError on bad bytes."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise RemoteProtocolError(f"payload is not valid msgpack: {exc}", code="bad-payload") from None
+
+
+# --------------------------------------------------------------------------- validators
+
+_T = TypeVar("_T")
+Validator = Callable[[Any], Any]
+
+
+def _bad(what: str) -> RemoteProtocolError:
+    return RemoteProtocolError(what, code="bad-field")
+
+
+def _v_str(limit: int = MAX_NAME) -> Validator:
+    def check(v: Any) -> str:
+        if type(v) is not str or len(v) > limit:
+            raise _bad(f"expected a string of at most {limit} characters")
+        return v
+
+    return check
+
+
+def _v_bytes(limit: int = MAX_ID) -> Validator:
+    def check(v: Any) -> bytes:
+        if type(v) is not bytes or len(v) > limit:
+            raise _bad(f"expected bytes of at most {limit}")
+        return v
+
+    return check
+
+
+def _v_int(lo: int = 0, hi: int = 2**31) -> Validator:
+    def check(v: Any) -> int:
+        if type(v) is not int or not lo <= v <= hi:
+            raise _bad(f"expected an integer in [{lo}, {hi}]")
+        return v
+
+    return check
+
+
+def _v_float(lo: float = 0.0, hi: float = 1e9) -> Validator:
+    def check(v: Any) -> float:
+        if type(v) not in (int, float) or not lo <= v <= hi or math.isnan(v):
+            raise _bad(f"expected a number in [{lo}, {hi}]")
+        return float(v)
+
+    return check
+
+
+def _v_optional(inner: Validator) -> Validator:
+    def check(v: Any) -> Any:
+        return None if v is None else inner(v)
+
+    return check
+
+
+def _v_list(inner: Validator, limit: int = MAX_BATCH) -> Validator:
+    def check(v: Any) -> tuple[Any, ...]:
+        if type(v) is not list or len(v) > limit:
+            raise _bad(f"expected a list of at most {limit} items")
+        return tuple(inner(x) for x in v)
+
+    return check
+
+
+def _v_map(limit: int = 4096) -> Validator:
+    def check(v: Any) -> dict[str, Any]:
+        if type(v) is not dict or len(v) > limit or any(type(k) is not str for k in v):
+            raise _bad("expected a map with string keys")
+        return v
+
+    return check
+
+
+def _v_record(make: Callable[..., _T], *validators: Validator) -> Validator:
+    """A fixed-length msgpack array turned into ``make(*values)``."""
+    n = len(validators)
+
+    def check(v: Any) -> _T:
+        if type(v) is not list or len(v) != n:
+            raise _bad(f"expected a record of {n} items")
+        return make(*[f(x) for f, x in zip(validators, v, strict=True)])
+
+    return check
+
+
+_v_name = _v_str(MAX_NAME)
+_v_id = _v_bytes(MAX_ID)
+_v_keys = _v_list(_v_str(256), MAX_KEYS)
+_v_status = _v_int(0, max(Outcome.ALL))
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """One task in a SUBMIT: its id, skill and scheduling options."""
+
+    tid: bytes
+    skill: str
+    timeout: float | None = None
+    max_attempts: int = 3
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+
+    def wire(self) -> list[Any]:
+        return [self.tid, self.skill, self.timeout, self.max_attempts, list(self.reads), list(self.writes)]
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchItem:
+    """One task sent to a node: ``timeout`` is the time left, in seconds."""
+
+    tid: bytes
+    skill: str
+    attempt: int
+    timeout: float | None = None
+
+    def wire(self) -> list[Any]:
+        return [self.tid, self.skill, self.attempt, self.timeout]
+
+
+@dataclass(frozen=True, slots=True)
+class ResultItem:
+    """One outcome of one attempt at one task (see :class:`Outcome`)."""
+
+    tid: bytes
+    attempt: int
+    status: int
+
+    def wire(self) -> list[Any]:
+        return [self.tid, self.attempt, self.status]
+
+
+_v_taskspec = _v_record(
+    TaskSpec,
+    _v_id,
+    _v_name,
+    _v_optional(_v_float(0.0, 1e7)),
+    _v_int(1, 100),
+    _v_keys,
+    _v_keys,
+)
+_v_dispatch_item = _v_record(DispatchItem, _v_id, _v_name, _v_int(1, 1000), _v_optional(_v_float(0.0, 1e7)))
+_v_result_item = _v_record(ResultItem, _v_id, _v_int(0, 1000), _v_status)
+_v_running = _v_list(_v_record(lambda *a: a, _v_id, _v_int(0, 1000)))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """Base of all commands. ``frames`` says how many payload frames follow."""
+
+    COMMAND: ClassVar[str] = ""
+    #: (attribute, validator) for every field, in wire order.
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = ()
+    #: how many payload frames must follow: None = none, "items" = one per item.
+    FRAMES: ClassVar[str | None] = None
+
+    def payload_count(self) -> int:
+        return 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello(Message):
+    """First message from any peer on a connection; answered by WELCOME.
+
+    ``role`` is the hat the peer wears on this connection: ``"node"`` or
+    ``"client"``. ``running`` lists (task id, attempt) pairs a node is still
+    executing or holding results for, so a restarted broker can rebuild them.
+    """
+
+    COMMAND: ClassVar[str] = "HELLO"
+    name: str = ""
+    role: str = "client"
+    session: bytes
+    skills: dict[str, Any] = field(default_factory=dict)
+    slots: int = 0
+    prefetch: int = 0
+    running: tuple[tuple[bytes, int], ...] = ()
+    epoch: bytes | None = None
+    agent: str = ""
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
+        ("name", _v_str(MAX_NAME)),
+        ("role", _v_str(16)),
+        ("session", _v_id),
+        ("skills", _v_map(4096)),
+        ("slots", _v_int(0, 100_000)),
+        ("prefetch", _v_int(0, 100_000)),
+        ("running", _v_running),
+        ("epoch", _v_optional(_v_id)),
+        ("agent", _v_str(128)),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Welcome(Message):
+    """The broker accepted a HELLO. Ports of the heartbeat channels ride along."""
+
+    COMMAND: ClassVar[str] = "WELCOME"
+    epoch: bytes
+    name: str
+    role: str
+    heartbeat_interval: float
+    liveness: int
+    max_message_size: int
+    beacon_port: int = 0
+    heartbeat_port: int = 0
+    time: float = 0.0
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
+        ("epoch", _v_id),
+        ("name", _v_str(MAX_NAME)),
+        ("role", _v_str(16)),
+        ("heartbeat_interval", _v_float(0.001, 3600)),
+        ("liveness", _v_int(1, 1000)),
+        ("max_message_size", _v_int(1, 2**40)),
+        ("beacon_port", _v_int(0, 65535)),
+        ("heartbeat_port", _v_int(0, 65535)),
+        ("time", _v_float(0.0, 1e12)),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Submit(Message):
+    """Client to broker: a batch of tasks, one payload frame per task."""
+
+    COMMAND: ClassVar[str] = "SUBMIT"
+    FRAMES: ClassVar[str | None] = "items"
+    tasks: tuple[TaskSpec, ...]
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("tasks", _v_list(_v_taskspec)),)
+
+    def payload_count(self) -> int:
+        return len(self.tasks)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dispatch(Message):
+    """Broker to node: a batch of tasks to run, one payload frame per task."""
+
+    COMMAND: ClassVar[str] = "DISPATCH"
+    FRAMES: ClassVar[str | None] = "items"
+    tasks: tuple[DispatchItem, ...]
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("tasks", _v_list(_v_dispatch_item)),)
+
+    def payload_count(self) -> int:
+        return len(self.tasks)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result(Message):
+    """Node to broker, and broker to client: a batch of outcomes, one frame each."""
+
+    COMMAND: ClassVar[str] = "RESULT"
+    FRAMES: ClassVar[str | None] = "items"
+    results: tuple[ResultItem, ...]
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("results", _v_list(_v_result_item)),)
+
+    def payload_count(self) -> int:
+        return len(self.results)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cancel(Message):
+    """Client to broker (stop these tasks), or broker to node (stop running them)."""
+
+    COMMAND: ClassVar[str] = "CANCEL"
+    tids: tuple[bytes, ...]
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("tids", _v_list(_v_id)),)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat(Message):
+    """Node to broker on the heartbeat PUB/SUB channel."""
+
+    COMMAND: ClassVar[str] = "HEARTBEAT"
+    session: bytes
+    epoch: bytes | None = None
+    free: int = 0
+    running: tuple[tuple[bytes, int], ...] = ()
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
+        ("session", _v_id),
+        ("epoch", _v_optional(_v_id)),
+        ("free", _v_int(0, 100_000)),
+        ("running", _v_running),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Beacon(Message):
+    """Broker to everyone on the beacon PUB channel: I am alive, this is my epoch."""
+
+    COMMAND: ClassVar[str] = "BEACON"
+    epoch: bytes
+    time: float = 0.0
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
+        ("epoch", _v_id),
+        ("time", _v_float(0.0, 1e12)),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Status(Message):
+    """Ask the broker for a snapshot of nodes, queues and counters."""
+
+    COMMAND: ClassVar[str] = "STATUS"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusReply(Message):
+    """The broker's snapshot (see ``docs/protocol.md`` for its keys)."""
+
+    COMMAND: ClassVar[str] = "STATUS_REPLY"
+    status: dict[str, Any]
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("status", _v_map(1_000_000)),)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Error(Message):
+    """Something a peer sent was refused. ``tids`` names the tasks it concerns."""
+
+    COMMAND: ClassVar[str] = "ERROR"
+    code: str
+    message: str = ""
+    tids: tuple[bytes, ...] = ()
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
+        ("code", _v_str(64)),
+        ("message", _v_str(4096)),
+        ("tids", _v_list(_v_id)),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bye(Message):
+    """A peer leaves on purpose (its tasks, if any, are re-queued at once)."""
+
+    COMMAND: ClassVar[str] = "BYE"
+    reason: str = ""
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("reason", _v_str(4096)),)
+
+
+COMMANDS: Final[dict[str, type[Message]]] = {
+    cls.COMMAND: cls
+    for cls in (Hello, Welcome, Submit, Dispatch, Result, Cancel, Heartbeat, Beacon, Status, StatusReply, Error, Bye)
+}
+
+_DEFAULTS: dict[type[Message], frozenset[str]] = {
+    cls: frozenset(
+        f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING
+    )
+    for cls in COMMANDS.values()
+}
+
+
+def _wire_value(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [x.wire() if hasattr(x, "wire") else (list(x) if isinstance(x, tuple) else x) for x in v]
+    return v
+
+
+def encode(msg: Message) -> bytes:
+    """Encode a command's header. Payload frames are sent as they are."""
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "c": msg.COMMAND}
+    for name, _ in msg.SCHEMA:
+        header[name] = _wire_value(getattr(msg, name))
+    try:
+        return msgpack.packb(header, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"cannot encode {msg.COMMAND}: {exc}", code="encode") from None
+
+
+def decode(data: bytes | memoryview, frames: int = 0) -> Message:
+    """Decode and validate a header; ``frames`` is the number of payload frames.
+
+    Raises :class:`RemoteProtocolError` (and nothing else) for anything that is
+    not a well-formed command of this protocol version.
+    """
+    if len(data) > MAX_HEADER_SIZE:
+        raise RemoteProtocolError("header too large", code="too-large")
+    try:
+        header = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception:  # ExtraData, FormatError, StackError, ValueError, ...
+        raise RemoteProtocolError("header is not valid msgpack", code="malformed") from None
+    if type(header) is not dict:
+        raise RemoteProtocolError("header is not a msgpack map", code="malformed")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})",
+            code="bad-version",
+        )
+    command = header.get("c")
+    cls = COMMANDS.get(command) if type(command) is str else None
+    if cls is None:
+        raise RemoteProtocolError(f"unknown command {str(command)[:40]!r}", code="unknown-command")
+    kwargs: dict[str, Any] = {}
+    for name, check in cls.SCHEMA:
+        if name in header:
+            try:
+                kwargs[name] = check(header[name])
+            except RemoteProtocolError as exc:
+                raise RemoteProtocolError(f"{command}.{name}: {exc}", code="bad-field") from None
+        elif name not in _DEFAULTS[cls]:
+            raise RemoteProtocolError(f"{command} lacks field {name!r}", code="bad-field")
+    msg = cls(**kwargs)
+    expected = msg.payload_count()
+    if frames != expected:
+        raise RemoteProtocolError(
+            f"{command} needs {expected} payload frame(s), got {frames}", code="frame-count"
+        )
+    return msg

@@ -1,0 +1,670 @@
+"""The broker's brain: a pure state machine with no sockets and no clock.
+
+The broker shell feeds it events (a decoded message from a peer, a heartbeat,
+a tick of its clock) together with the current time, and sends what it returns.
+Every state change of a task happens here, in the transitions listed in
+:data:`TASK_TRANSITIONS`; ``docs/architecture.md`` prints the same table and a
+test keeps the two in sync.
+
+Payload frames are carried as opaque objects: the scheduler never looks inside.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from . import protocol as P
+from .protocol import Outcome
+
+__all__ = [
+    "ROLES",
+    "TASK_TRANSITIONS",
+    "Heartbeat",
+    "Identity",
+    "PeerGone",
+    "PeerMessage",
+    "Scheduler",
+    "SchedulerConfig",
+    "Send",
+    "Tick",
+]
+
+#: Roles an authorised key can have, and what each may do.
+ROLES: Final = {
+    "node": frozenset({"node"}),
+    "client": frozenset({"client", "status"}),
+    "both": frozenset({"node", "client", "status"}),
+    "admin": frozenset({"client", "status", "admin"}),
+}
+
+QUEUED: Final = "queued"
+RUNNING: Final = "running"
+
+#: (state, event) -> next state. "gone" means the broker forgets the task.
+TASK_TRANSITIONS: Final[dict[tuple[str, str], str]] = {
+    ("new", "submit"): QUEUED,
+    (QUEUED, "dispatch"): RUNNING,
+    (QUEUED, "cancel"): "gone",
+    (QUEUED, "deadline"): "gone",
+    (QUEUED, "client-bye"): "gone",
+    (RUNNING, "result"): "gone",
+    (RUNNING, "node-dead"): QUEUED,
+    (RUNNING, "node-dead, attempts exhausted"): "gone",
+    (RUNNING, "cancel"): "gone",
+    (RUNNING, "deadline"): "gone",
+    (RUNNING, "client-bye"): "gone",
+}
+
+
+# --------------------------------------------------------------------------- events and actions
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a connection authenticated as (from the broker's key table)."""
+
+    key: str
+    name: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerMessage:
+    """A decoded message from the main socket. ``identity`` is needed on HELLO."""
+
+    route: bytes
+    msg: P.Message
+    frames: list[Any] = field(default_factory=list)
+    identity: Identity | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """A heartbeat from the PUB/SUB channel, with the key that sent it."""
+
+    key: str
+    msg: P.Heartbeat
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed: check deadlines and liveness."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerGone:
+    """A send to this route failed: the peer is no longer connected."""
+
+    route: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    """A key was removed from the allowed set: drop its peers now."""
+
+    key: str
+
+
+Event = PeerMessage | Heartbeat | Tick | PeerGone | Revoked
+
+
+@dataclass(slots=True)
+class Send:
+    """Action: send ``msg`` followed by ``frames`` to ``route``."""
+
+    route: bytes
+    msg: P.Message
+    frames: list[Any] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    heartbeat_interval: float = 0.5
+    liveness: int = 3
+    max_message_size: int = 16 * 1024 * 1024
+    beacon_port: int = 0
+    heartbeat_port: int = 0
+    #: most tasks one client may have queued or running at the broker
+    max_tasks_per_client: int = 1_000_000
+
+    @property
+    def node_timeout(self) -> float:
+        return self.heartbeat_interval * self.liveness
+
+
+# --------------------------------------------------------------------------- state
+
+
+class Peer:
+    __slots__ = ("route", "session", "name", "identity", "hat", "last_seen")
+
+    def __init__(self, route: bytes, session: bytes, name: str, identity: Identity, hat: str, now: float) -> None:
+        self.route = route
+        self.session = session
+        self.name = name
+        self.identity = identity
+        self.hat = hat
+        self.last_seen = now
+
+
+class Node(Peer):
+    __slots__ = ("skills", "slots", "capacity", "inflight", "done", "failed", "alive", "joined")
+
+    def __init__(self, *a: Any, skills: dict[str, Any], slots: int, prefetch: int) -> None:
+        super().__init__(*a)
+        self.skills = skills
+        self.slots = slots
+        self.capacity = max(1, slots + prefetch)
+        #: tid -> attempt for everything sent to this node and not yet answered
+        self.inflight: dict[bytes, int] = {}
+        self.done = 0
+        self.failed = 0
+        self.alive = True
+        self.joined = self.last_seen
+
+
+class Client(Peer):
+    __slots__ = ("tasks",)
+
+    def __init__(self, *a: Any) -> None:
+        super().__init__(*a)
+        self.tasks: set[bytes] = set()
+
+
+class Task:
+    __slots__ = (
+        "tid", "skill", "client", "payload", "attempt", "max_attempts", "deadline",
+        "node", "state", "reads", "writes", "tried",
+    )  # fmt: skip
+
+    def __init__(self, spec: P.TaskSpec, client: Client, payload: Any, deadline: float) -> None:
+        self.tid = spec.tid
+        self.skill = spec.skill
+        self.client = client
+        self.payload = payload
+        self.attempt = 0
+        self.max_attempts = spec.max_attempts
+        self.deadline = deadline
+        self.node: Node | None = None
+        self.state = QUEUED
+        self.reads = spec.reads
+        self.writes = spec.writes
+        self.tried: set[bytes] = set()
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+class Scheduler:
+    """Routes tasks to the least-loaded capable node and tracks them to the end.
+
+    Call :meth:`handle` with an event and the current time (any monotonic
+    clock in seconds); it returns the messages to send. It never raises for
+    anything a peer sent: bad requests come back as ERROR messages and are
+    counted in :attr:`counters`.
+    """
+
+    def __init__(self, *, epoch: bytes, config: SchedulerConfig | None = None, now: float = 0.0) -> None:
+        self.epoch = epoch
+        self.config = config or SchedulerConfig()
+        self.started = now
+        self.peers: dict[bytes, Peer] = {}  # route -> peer
+        self.nodes: dict[bytes, Node] = {}  # session -> node
+        self.clients: dict[bytes, Client] = {}  # session -> client
+        self.names: dict[str, bytes] = {}  # name -> session
+        self.tasks: dict[bytes, Task] = {}
+        self.queues: dict[str, deque[Task]] = {}
+        self.skill_nodes: dict[str, list[Node]] = {}
+        self.deadlines: list[tuple[float, bytes]] = []
+        self.counters: dict[str, int] = {
+            "submitted": 0, "dispatched": 0, "done": 0, "failed": 0, "requeued": 0,
+            "lost": 0, "timed_out": 0, "cancelled": 0, "rejected": 0, "stale_results": 0,
+            "undeliverable": 0, "nodes_died": 0, "protocol_errors": 0,
+        }  # fmt: skip
+        self.errors: dict[str, int] = {}
+        # per-flush batches
+        self._out: list[Send] = []
+        self._dispatch: dict[Node, tuple[list[P.DispatchItem], list[Any]]] = {}
+        self._results: dict[Client, tuple[list[P.ResultItem], list[Any]]] = {}
+        self._now = now
+        self._last_tick = now
+
+    # ------------------------------------------------------------------ entry point
+
+    def handle(self, event: Event, now: float) -> list[Send]:
+        self._now = now
+        if type(event) is PeerMessage:
+            self._on_message(event)
+        elif type(event) is Tick:
+            self._on_tick()
+        elif type(event) is Heartbeat:
+            self._on_heartbeat(event)
+        elif type(event) is PeerGone:
+            self._on_gone(event.route)
+        elif type(event) is Revoked:
+            self._on_revoked(event.key)
+        return self._flush()
+
+    def count_error(self, code: str) -> None:
+        """Count a rejected input (also used by the shell for decode errors)."""
+        self.counters["protocol_errors"] += 1
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    def next_wakeup(self) -> float:
+        """When the next :class:`Tick` is due (deadlines, liveness checks)."""
+        soon = self._last_tick + self.config.heartbeat_interval / 4
+        while self.deadlines and self.deadlines[0][1] not in self.tasks:
+            heapq.heappop(self.deadlines)
+        if self.deadlines:
+            soon = min(soon, self.deadlines[0][0])
+        return soon
+
+    # ------------------------------------------------------------------ messages
+
+    def _error(self, route: bytes, code: str, message: str, tids: Iterable[bytes] = ()) -> None:
+        self.count_error(code)
+        self._out.append(Send(route, P.Error(code=code, message=message, tids=tuple(tids))))
+
+    def _on_message(self, ev: PeerMessage) -> None:
+        msg = ev.msg
+        if type(msg) is P.Hello:
+            self._on_hello(ev.route, msg, ev.identity)
+            return
+        peer = self.peers.get(ev.route)
+        if peer is None:
+            # unknown connection (new route after a reconnect, or a broker restart)
+            self._error(ev.route, "hello-first", "send HELLO first (unknown connection or new broker epoch)")
+            return
+        peer.last_seen = self._now
+        t = type(msg)
+        if t is P.Submit and type(peer) is Client:
+            self._on_submit(peer, msg, ev.frames)  # type: ignore[arg-type]
+        elif t is P.Result and type(peer) is Node:
+            self._on_result(peer, msg, ev.frames)  # type: ignore[arg-type]
+        elif t is P.Cancel and type(peer) is Client:
+            self._on_cancel(peer, msg.tids)  # type: ignore[attr-defined]
+        elif t is P.Status:
+            if "status" in ROLES[peer.identity.role]:
+                self._out.append(Send(ev.route, P.StatusReply(status=self.status())))
+            else:
+                self._error(ev.route, "forbidden", f"role {peer.identity.role!r} may not read status")
+        elif t is P.Bye:
+            self._drop_peer(peer, "bye")
+        else:
+            self._error(ev.route, "unexpected", f"{msg.COMMAND} is not valid from a {peer.hat}")
+
+    def _on_hello(self, route: bytes, msg: P.Hello, identity: Identity | None) -> None:
+        if identity is None:
+            self._error(route, "unauthenticated", "connection has no authenticated key")
+            return
+        allowed = ROLES.get(identity.role, frozenset())
+        hat = msg.role
+        if hat not in ("node", "client"):
+            self._error(route, "bad-role", f"unknown role {hat!r}")
+            return
+        if hat not in allowed:
+            self._error(route, "forbidden", f"key {identity.name!r} has role {identity.role!r}: it may not act as a {hat}")
+            return
+        if hat == "node" and (msg.slots < 1 or not msg.skills):
+            self._error(route, "bad-hello", "a node must offer at least one skill and one slot")
+            return
+        # a peer that re-sends HELLO (reconnect, new epoch) replaces its old self
+        old = self.peers.get(route)
+        if old is not None and old.session != msg.session:
+            self._drop_peer(old, "replaced")
+        same = (self.nodes if hat == "node" else self.clients).get(msg.session)
+        if same is not None and same.identity.key != identity.key:
+            self._error(route, "forbidden", "session id belongs to another key")
+            return
+        name = self._unique_name(msg.name or identity.name, msg.session)
+        if same is not None:
+            # known session on a new connection: move it, keep its state
+            self.peers.pop(same.route, None)
+            same.route = route
+            same.last_seen = self._now
+            same.name = name
+            peer: Peer = same
+            if type(same) is Node:
+                same.alive = True
+        elif hat == "node":
+            node = Node(
+                route, msg.session, name, identity, hat, self._now,
+                skills=msg.skills, slots=msg.slots, prefetch=msg.prefetch,
+            )  # fmt: skip
+            self.nodes[msg.session] = node
+            for skill in msg.skills:
+                self.skill_nodes.setdefault(skill, []).append(node)
+            peer = node
+        else:
+            peer = Client(route, msg.session, name, identity, hat, self._now)
+            self.clients[msg.session] = peer
+        self.peers[route] = peer
+        self.names[name] = msg.session
+        cfg = self.config
+        self._out.append(
+            Send(
+                route,
+                P.Welcome(
+                    epoch=self.epoch, name=name, role=identity.role,
+                    heartbeat_interval=cfg.heartbeat_interval, liveness=cfg.liveness,
+                    max_message_size=cfg.max_message_size, beacon_port=cfg.beacon_port,
+                    heartbeat_port=cfg.heartbeat_port, time=max(0.0, self._now),
+                ),
+            )
+        )  # fmt: skip
+        if type(peer) is Node:
+            for skill in peer.skills:
+                self._pump(skill)
+
+    def _unique_name(self, wanted: str, session: bytes) -> str:
+        name = wanted or "peer"
+        holder = self.names.get(name)
+        if holder is None or holder == session or not self._session_alive(holder):
+            return name
+        i = 2
+        while self.names.get(f"{name}-{i}") not in (None, session):
+            i += 1
+        return f"{name}-{i}"
+
+    def _session_alive(self, session: bytes) -> bool:
+        node = self.nodes.get(session)
+        return (node is not None and node.alive) or session in self.clients
+
+    def _on_submit(self, client: Client, msg: P.Submit, frames: list[Any]) -> None:
+        now = self._now
+        rejected: list[bytes] = []
+        touched: set[str] = set()
+        limit = self.config.max_tasks_per_client
+        for spec, payload in zip(msg.tasks, frames, strict=True):
+            tid = spec.tid
+            existing = self.tasks.get(tid)
+            if existing is not None:
+                if existing.client is not client and existing.client.identity.key != client.identity.key:
+                    rejected.append(tid)
+                # else: a resubmission of a task we still track; keep the one we have
+                continue
+            if len(client.tasks) >= limit:
+                rejected.append(tid)
+                continue
+            deadline = now + spec.timeout if spec.timeout is not None else math.inf
+            task = Task(spec, client, payload, deadline)
+            self.tasks[tid] = task
+            client.tasks.add(tid)
+            self.counters["submitted"] += 1
+            if spec.timeout is not None:
+                heapq.heappush(self.deadlines, (deadline, tid))
+            q = self.queues.get(spec.skill)
+            if q is None:
+                q = self.queues[spec.skill] = deque()
+            q.append(task)
+            touched.add(spec.skill)
+        for skill in touched:
+            self._pump(skill)
+        if rejected:
+            self.counters["rejected"] += len(rejected)
+            for tid in rejected:
+                self._deliver_status(client, tid, 0, Outcome.REJECTED, "task id in use or too many tasks in flight")
+
+    def _on_result(self, node: Node, msg: P.Result, frames: list[Any]) -> None:
+        freed = False
+        for item, payload in zip(msg.results, frames, strict=True):
+            tid = item.tid
+            attempt = node.inflight.get(tid)
+            if attempt is None or attempt != item.attempt:
+                # not ours, or a superseded attempt: fence it off
+                self.counters["stale_results"] += 1
+                continue
+            if item.status == Outcome.PARTIAL:
+                task = self.tasks.get(tid)
+                if task is not None and task.node is node and task.attempt == attempt:
+                    self._queue_result(task.client, P.ResultItem(tid, attempt, Outcome.PARTIAL), payload)
+                continue
+            del node.inflight[tid]
+            freed = True
+            task = self.tasks.get(tid)
+            if task is None or task.node is not node or task.attempt != attempt:
+                self.counters["stale_results"] += 1
+                continue
+            self._forget(task)
+            if item.status == Outcome.OK:
+                self.counters["done"] += 1
+                node.done += 1
+            else:
+                self.counters["failed"] += 1
+                node.failed += 1
+            self._queue_result(task.client, P.ResultItem(tid, attempt, item.status), payload)
+        if freed:
+            self._pump_node(node)
+
+    def _on_cancel(self, client: Client, tids: Iterable[bytes]) -> None:
+        for tid in tids:
+            task = self.tasks.get(tid)
+            if task is None or task.client.identity.key != client.identity.key:
+                continue  # unknown or not yours: say nothing (no oracle for guessed ids)
+            self.counters["cancelled"] += 1
+            self._cancel_task(task)
+            self._deliver_status(task.client, tid, task.attempt, Outcome.CANCELLED, "cancelled by the client")
+
+    # ------------------------------------------------------------------ heartbeats and time
+
+    def _on_heartbeat(self, ev: Heartbeat) -> None:
+        node = self.nodes.get(ev.msg.session)
+        if node is None or node.identity.key != ev.key or not node.alive:
+            return
+        if ev.msg.epoch is not None and ev.msg.epoch != self.epoch:
+            return  # it has not re-registered with us yet
+        node.last_seen = self._now
+
+    def _on_tick(self) -> None:
+        now = self._last_tick = self._now
+        dl = self.deadlines
+        while dl and dl[0][0] <= now:
+            deadline, tid = heapq.heappop(dl)
+            task = self.tasks.get(tid)
+            if task is None or task.deadline != deadline:
+                continue
+            self.counters["timed_out"] += 1
+            self._cancel_task(task)
+            self._deliver_status(task.client, tid, task.attempt, Outcome.TIMEOUT, "the task's timeout passed at the broker")
+        horizon = now - self.config.node_timeout
+        for node in [n for n in self.nodes.values() if n.last_seen < horizon]:
+            self.counters["nodes_died"] += 1
+            self._drop_peer(node, "dead")
+
+    def _on_gone(self, route: bytes) -> None:
+        self.counters["undeliverable"] += 1
+        peer = self.peers.get(route)
+        if type(peer) is Node:
+            self._drop_peer(peer, "gone")
+
+    def _on_revoked(self, key: str) -> None:
+        for peer in [p for p in self.peers.values() if p.identity.key == key]:
+            self._out.append(Send(peer.route, P.Error(code="revoked", message="this key was revoked")))
+            self._drop_peer(peer, "revoked")
+
+    # ------------------------------------------------------------------ task plumbing
+
+    def _pump(self, skill: str) -> None:
+        """Dispatch queued tasks of ``skill`` to capable nodes with room."""
+        q = self.queues.get(skill)
+        if not q:
+            return
+        nodes = self.skill_nodes.get(skill)
+        if not nodes:
+            return
+        tasks = self.tasks
+        while q:
+            best: Node | None = None
+            best_load = 2.0
+            for n in nodes:
+                used = len(n.inflight)
+                if used < n.capacity:
+                    load = used / n.capacity
+                    if load < best_load:
+                        best, best_load = n, load
+            if best is None:
+                return
+            task = q.popleft()
+            if tasks.get(task.tid) is not task or task.state != QUEUED:
+                continue  # cancelled or timed out while queued
+            if task.tried and best.session in task.tried and len(nodes) > 1:
+                other = self._other_node(nodes, task)
+                if other is not None:
+                    best = other
+            self._start(task, best)
+
+    def _other_node(self, nodes: list[Node], task: Task) -> Node | None:
+        for n in nodes:
+            if n.session not in task.tried and len(n.inflight) < n.capacity:
+                return n
+        return None
+
+    def _pump_node(self, node: Node) -> None:
+        for skill in node.skills:
+            if self.queues.get(skill):
+                self._pump(skill)
+
+    def _start(self, task: Task, node: Node) -> None:
+        task.attempt += 1
+        task.state = RUNNING
+        task.node = node
+        task.tried.add(node.session)
+        node.inflight[task.tid] = task.attempt
+        self.counters["dispatched"] += 1
+        timeout = None if task.deadline == math.inf else max(0.0, task.deadline - self._now)
+        batch = self._dispatch.get(node)
+        if batch is None:
+            batch = self._dispatch[node] = ([], [])
+        batch[0].append(P.DispatchItem(task.tid, task.skill, task.attempt, timeout))
+        batch[1].append(task.payload)
+
+    def _forget(self, task: Task) -> None:
+        del self.tasks[task.tid]
+        task.client.tasks.discard(task.tid)
+        task.state = "gone"
+        task.payload = None
+
+    def _cancel_task(self, task: Task) -> None:
+        """Forget a task; tell its node to stop (the slot frees when it answers)."""
+        node = task.node if task.state == RUNNING else None
+        self._forget(task)
+        if node is not None and node.alive:
+            self._out.append(Send(node.route, P.Cancel(tids=(task.tid,))))
+
+    def _queue_result(self, client: Client, item: P.ResultItem, payload: Any) -> None:
+        batch = self._results.get(client)
+        if batch is None:
+            batch = self._results[client] = ([], [])
+        batch[0].append(item)
+        batch[1].append(payload)
+
+    def _deliver_status(self, client: Client, tid: bytes, attempt: int, status: int, message: str) -> None:
+        self._queue_result(client, P.ResultItem(tid, attempt, status), P.pack_value(message))
+
+    def _drop_peer(self, peer: Peer, why: str) -> None:
+        if self.peers.get(peer.route) is peer:
+            del self.peers[peer.route]
+        if self.names.get(peer.name) == peer.session:
+            del self.names[peer.name]
+        if type(peer) is Node:
+            self.nodes.pop(peer.session, None)
+            peer.alive = False
+            for skill in peer.skills:
+                lst = self.skill_nodes.get(skill)
+                if lst is not None and peer in lst:
+                    lst.remove(peer)
+                    if not lst:
+                        del self.skill_nodes[skill]
+            self._dispatch.pop(peer, None)
+            self._requeue(peer)
+        elif type(peer) is Client:
+            self.clients.pop(peer.session, None)
+            if why in ("bye", "revoked"):
+                for tid in list(peer.tasks):
+                    task = self.tasks.get(tid)
+                    if task is not None:
+                        self.counters["cancelled"] += 1
+                        self._cancel_task(task)
+            else:
+                # keep its tasks: the client may come back with the same session
+                self.clients[peer.session] = peer
+
+    def _requeue(self, node: Node) -> None:
+        """A node died or left: put its running tasks back at the head of their queues."""
+        back: dict[str, list[Task]] = {}
+        for tid, attempt in node.inflight.items():
+            task = self.tasks.get(tid)
+            if task is None or task.node is not node or task.attempt != attempt:
+                continue
+            task.node = None
+            if task.attempt >= task.max_attempts:
+                self.counters["lost"] += 1
+                self._forget(task)
+                self._deliver_status(
+                    task.client, tid, task.attempt, Outcome.LOST,
+                    f"task was tried {task.attempt} times and its node died each time",
+                )  # fmt: skip
+                continue
+            task.state = QUEUED
+            self.counters["requeued"] += 1
+            back.setdefault(task.skill, []).append(task)
+        node.inflight.clear()
+        for skill, tasks in back.items():
+            q = self.queues.setdefault(skill, deque())
+            q.extendleft(reversed(tasks))
+            self._pump(skill)
+
+    # ------------------------------------------------------------------ output
+
+    def _flush(self) -> list[Send]:
+        out = self._out
+        if self._dispatch:
+            for node, (items, frames) in self._dispatch.items():
+                out.append(Send(node.route, P.Dispatch(tasks=tuple(items)), frames))
+            self._dispatch = {}
+        if self._results:
+            for client, (items, frames) in self._results.items():
+                out.append(Send(client.route, P.Result(results=tuple(items)), frames))
+            self._results = {}
+        self._out = []
+        return out
+
+    # ------------------------------------------------------------------ introspection
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot with no payloads: nodes, queues, counters."""
+        now = self._now
+        queued: dict[str, int] = {}
+        running = 0
+        for task in self.tasks.values():
+            if task.state == QUEUED:
+                queued[task.skill] = queued.get(task.skill, 0) + 1
+            else:
+                running += 1
+        return {
+            "epoch": self.epoch.hex(),
+            "uptime": round(now - self.started, 3),
+            "nodes": [
+                {
+                    "name": n.name,
+                    "key_name": n.identity.name,
+                    "skills": sorted(n.skills),
+                    "slots": n.slots,
+                    "busy": len(n.inflight),
+                    "last_seen": round(now - n.last_seen, 3),
+                    "done": n.done,
+                    "failed": n.failed,
+                }
+                for n in sorted(self.nodes.values(), key=lambda n: n.name)
+            ],
+            "clients": len(self.clients),
+            "queued": queued,
+            "running": running,
+            "counters": dict(self.counters),
+            "errors": dict(self.errors),
+        }
