@@ -1,0 +1,402 @@
+"""The ``zlink`` command line.
+
+Exit codes: 0 success, 1 a task failed, 2 bad usage or configuration,
+3 the broker could not be reached or refused us.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from . import __version__
+from .errors import AuthenticationError, ConfigError, ConnectError, RejectedError, TaskError, ZlinkError
+from .security import ROLE_NAMES, BrokerHome, KeyPair, check_name, default_host, generate_keypair, read_cert, write_cert
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_TASK = 1
+EXIT_CONFIG = 2
+EXIT_CONNECT = 3
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"zlink: {message}", err=True)
+    sys.exit(code)
+
+
+def _run_guarded(fn: Callable[[], Any]) -> Any:
+    """Map zlink errors to a clear message and an exit code."""
+    try:
+        return fn()
+    except AuthenticationError as exc:
+        _fail(f"authentication failed: {exc}", EXIT_CONNECT)
+    except ConnectError as exc:
+        _fail(str(exc), EXIT_CONNECT)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    except (TaskError, RejectedError) as exc:
+        _fail(f"task failed: {exc}", EXIT_TASK)
+    except ZlinkError as exc:
+        _fail(str(exc), EXIT_TASK)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def join_option(fn: F) -> F:
+    return click.option(
+        "--join",
+        envvar="ZLINK_JOIN",
+        default=None,
+        help="Join string from 'zlink invite' (default: $ZLINK_JOIN).",
+    )(fn)
+
+
+def home_option(fn: F) -> F:
+    return click.option(
+        "--home",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="ZLINK_HOME",
+        default=None,
+        help="Broker home folder (default: $ZLINK_HOME or ~/.zlink).",
+    )(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="zlink")
+def main() -> None:
+    """zlink: fan work out across agents and machines through one encrypted relay.
+
+    Start with 'zlink demo'. To build a swarm: 'zlink broker' on one host,
+    'zlink invite' there for each peer, then 'zlink node --join ...' on workers.
+    """
+
+
+# --------------------------------------------------------------------------- broker side
+
+
+@main.command()
+@click.option("--bind", default="tcp://0.0.0.0:7700", show_default=True, help="Main endpoint; P+1 and P+2 are also used.")
+@home_option
+@click.option("--heartbeat-interval", type=float, default=0.5, show_default=True, help="Seconds between beats.")
+@click.option("--liveness", type=int, default=3, show_default=True, help="Missed beats before a node is dead.")
+@click.option("--max-message-size", type=int, default=16 * 1024 * 1024, show_default=True, help="Bytes.")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--quiet", is_flag=True, help="Do not print the start-up banner.")
+def broker(
+    bind: str, home: Path | None, heartbeat_interval: float, liveness: int, max_message_size: int, log_level: str,
+    quiet: bool,
+) -> None:
+    """Run the broker (until Ctrl-C or SIGTERM)."""
+    from .broker import Broker
+
+    _setup_logging(log_level)
+
+    def make() -> Broker:
+        return Broker(
+            bind=bind, home=home, heartbeat_interval=heartbeat_interval,
+            liveness=liveness, max_message_size=max_message_size,
+        )  # fmt: skip
+
+    b: Broker = _run_guarded(make)
+    _run_guarded(b.start)
+    if not quiet:
+        allowed = len(b.allowed.by_key)
+        if b.created_keys:
+            click.echo(f"created broker keys in {b.home.path}", err=True)
+        click.echo(f"zlink broker listening on {b.endpoint}", err=True)
+        click.echo(f"  broker public key: {b.keys.public}", err=True)
+        click.echo(f"  home: {b.home.path} ({allowed} allowed key{'s' if allowed != 1 else ''})", err=True)
+        click.echo(f"  invite a peer:  zlink invite --home {b.home.path} --name NAME --role node|client|both", err=True)
+    try:
+        import signal
+
+        stop = {"flag": False}
+
+        def on_signal(*_: object) -> None:
+            stop["flag"] = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        while not stop["flag"] and b._thread is not None and b._thread.is_alive():
+            time.sleep(0.2)
+    finally:
+        b.stop()
+    if b._error is not None:
+        _fail(f"broker failed: {b._error}", EXIT_CONFIG)
+
+
+@main.command()
+@home_option
+@click.option("--name", default=None, help="Peer name (default: peer-XXXX).")
+@click.option("--role", type=click.Choice(["node", "client", "both", "admin"]), default="both", show_default=True)
+@click.option("--host", default=None, help="Host name or address peers use to reach the broker.")
+@click.option("--port", type=int, default=None, help="Broker port (default: the one it last bound).")
+def invite(home: Path | None, name: str | None, role: str, host: str | None, port: int | None) -> None:
+    """Authorise a new peer and print its join string (the last line of output).
+
+    The join string holds the peer's secret key: hand it over like a password.
+    """
+
+    def run() -> None:
+        h = BrokerHome(home)
+        h.keys()  # clear error when there is no broker home yet
+        peer = name or f"peer-{os.urandom(2).hex()}"
+        endpoints = _invite_endpoints(h, host, port)
+        join = h.invite(name=peer, role=role, endpoints=endpoints)
+        click.echo(f"authorised {peer!r} as {role} for {', '.join(endpoints)}", err=True)
+        click.echo("join string (secret: whoever holds it can connect as this peer):", err=True)
+        click.echo(join.dump())
+
+    _run_guarded(run)
+
+
+def _invite_endpoints(h: BrokerHome, host: str | None, port: int | None) -> list[str]:
+    from urllib.parse import urlsplit
+
+    bound = h.bound_endpoints()
+    if not bound:
+        bound = ["tcp://0.0.0.0:7700"]
+    out = []
+    for ep in bound:
+        u = urlsplit(ep)
+        h_ = host or u.hostname or "127.0.0.1"
+        if h_ in ("0.0.0.0", "*", "::"):
+            h_ = default_host()
+        p = port or u.port or 7700
+        out.append(f"tcp://{h_}:{p}")
+    return out
+
+
+@main.command()
+@home_option
+@click.argument("cert_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--role", type=click.Choice(list(ROLE_NAMES)), default="both", show_default=True)
+@click.option("--name", default=None, help="Name to allow it under (default: from the certificate).")
+def allow(home: Path | None, cert_file: Path, role: str, name: str | None) -> None:
+    """Authorise an existing public certificate (bring your own key)."""
+
+    def run() -> None:
+        cert = read_cert(cert_file)
+        stem = cert_file.name.split(".key")[0]
+        peer = check_name(name or cert.metadata.get("name") or stem)
+        path = BrokerHome(home).allow(cert.public, name=peer, role=role)
+        click.echo(f"allowed {peer!r} as {role} ({path})")
+
+    _run_guarded(run)
+
+
+@main.command()
+@home_option
+@click.argument("name")
+def revoke(home: Path | None, name: str) -> None:
+    """Remove an authorised key; a running broker refuses it from now on."""
+
+    def run() -> None:
+        gone = BrokerHome(home).revoke(name)
+        if not gone:
+            raise ConfigError(f"no allowed key named {name!r}")
+        click.echo(f"revoked {name!r}")
+
+    _run_guarded(run)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True)
+def keygen(name: str, out: Path) -> None:
+    """Write NAME.key and NAME.key_secret (pyzmq certificate format)."""
+
+    def run() -> None:
+        check_name(name)
+        out.mkdir(parents=True, exist_ok=True)
+        keys = generate_keypair()
+        write_cert(out / f"{name}.key_secret", keys, metadata={"name": name}, secret=True)
+        write_cert(out / f"{name}.key", KeyPair(keys.public), metadata={"name": name})
+        click.echo(f"wrote {out / (name + '.key')} and {out / (name + '.key_secret')}")
+
+    _run_guarded(run)
+
+
+# --------------------------------------------------------------------------- peers
+
+
+@main.command()
+@join_option
+@click.option("--skills", "skills", required=True, multiple=True, help="Module name or .py file with @zlink.skill functions.")
+@click.option("--slots", type=int, default=4, show_default=True, help="Tasks run at once.")
+@click.option("--prefetch", type=int, default=None, help="Extra tasks queued at the node (default: = slots).")
+@click.option("--name", default=None, help="Node name (default: the join string's).")
+@click.option("--heartbeat-interval", type=float, default=None, help="Seconds (default: the broker's).")
+@click.option("--liveness", type=int, default=None, help="Missed beacons before the broker is presumed gone.")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+def node(
+    join: str | None,
+    skills: tuple[str, ...],
+    slots: int,
+    prefetch: int | None,
+    name: str | None,
+    heartbeat_interval: float | None,
+    liveness: int | None,
+    log_level: str,
+) -> None:
+    """Run a node serving the skills in a module (until Ctrl-C or SIGTERM)."""
+    from .node import Node
+
+    _setup_logging(log_level)
+    if slots < 1:
+        _fail("--slots must be at least 1", EXIT_CONFIG)
+
+    def run() -> None:
+        n = Node(
+            join, slots=slots, prefetch=prefetch, name=name,
+            heartbeat_interval=heartbeat_interval, liveness=liveness,
+        )  # fmt: skip
+        n.add_skills(*skills)
+        n.run()
+
+    _run_guarded(run)
+
+
+def _parse_args(text: str | None) -> tuple[list[Any], dict[str, Any]]:
+    if text is None:
+        return [], {}
+    if text == "-":
+        text = sys.stdin.read()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="ARGS_JSON") from None
+    if isinstance(value, list):
+        return value, {}
+    if isinstance(value, dict):
+        return [], value
+    return [value], {}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"$bytes": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@main.command()
+@join_option
+@click.argument("skill")
+@click.argument("args_json", required=False)
+@click.option("--timeout", type=float, default=None, help="Seconds before the task fails with a timeout.")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True)
+def submit(join: str | None, skill: str, args_json: str | None, timeout: float | None, connect_timeout: float) -> None:
+    """Run one task and print its result as JSON.
+
+    ARGS_JSON is a JSON array (positional arguments), an object (keyword
+    arguments) or any other JSON value (the single argument); '-' reads stdin.
+    """
+    from .client import Client
+
+    args, kwargs = _parse_args(args_json)
+
+    def run() -> Any:
+        with Client(join, connect_timeout=connect_timeout) as c:
+            return c.submit(skill, *args, timeout=timeout, **kwargs).result()
+
+    result = _run_guarded(run)
+    click.echo(json.dumps(_jsonable(result), ensure_ascii=False))
+
+
+@main.command()
+@join_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True)
+def status(join: str | None, as_json: bool, connect_timeout: float) -> None:
+    """Show nodes, queued tasks and counters."""
+    from .client import Client
+
+    def run() -> dict[str, Any]:
+        with Client(join, connect_timeout=connect_timeout) as c:
+            return c.status()
+
+    st: dict[str, Any] = _run_guarded(run)
+    if as_json:
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    click.echo(render_status(st))
+
+
+def render_status(st: dict[str, Any]) -> str:
+    lines = [f"broker epoch {st['epoch']}  up {st['uptime']:.0f} s  clients {st['clients']}  running {st['running']}"]
+    nodes = st["nodes"]
+    lines.append(f"nodes ({len(nodes)}):")
+    if nodes:
+        w = max(4, *(len(n["name"]) for n in nodes))
+        lines.append(f"  {'NAME':<{w}}  {'SLOTS':>9}  {'SEEN':>6}  {'DONE':>8}  {'FAILED':>6}  SKILLS")
+        for n in nodes:
+            slots = f"{n['busy']}/{n['slots']}"
+            lines.append(
+                f"  {n['name']:<{w}}  {slots:>9}  {n['last_seen']:>5.1f}s  {n['done']:>8}  {n['failed']:>6}  "
+                + ", ".join(n["skills"])
+            )
+    queued = st["queued"]
+    lines.append("queued: " + (", ".join(f"{k}={v}" for k, v in sorted(queued.items())) if queued else "none"))
+    c = st["counters"]
+    lines.append(
+        f"tasks: done {c['done']}  failed {c['failed']}  submitted {c['submitted']}  requeued {c['requeued']}  "
+        f"lost {c['lost']}  timed out {c['timed_out']}  cancelled {c['cancelled']}  rejected {c['rejected']}"
+    )
+    if st.get("errors") or c.get("auth_denied"):
+        errs = ", ".join(f"{k}={v}" for k, v in sorted(st.get("errors", {}).items())) or "none"
+        lines.append(f"refused: auth {c.get('auth_denied', 0)}  protocol {errs}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@main.command()
+@click.option("--nodes", "n_nodes", type=int, default=2, show_default=True, help="Node processes to start.")
+@click.option("--path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Python source tree to audit (default: the standard library).")  # fmt: skip
+@click.option("--limit", type=int, default=None, help="Audit at most this many files.")
+@click.option("--no-sequential", is_flag=True, help="Skip the one-process comparison run.")
+@click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the full report as JSON here.")  # fmt: skip
+def demo(n_nodes: int, path: Path | None, limit: int | None, no_sequential: bool, report_file: Path | None) -> None:
+    """Audit a Python codebase on a throw-away local swarm and compare with one process.
+
+    Starts a broker and N node processes on 127.0.0.1 with CurveZMQ and fresh
+    keys, fans three skills (inspect, scan, docs) out per file, merges the
+    results with one verify task, then removes everything it created.
+    """
+    from .demo import run_demo
+
+    if n_nodes < 1:
+        _fail("--nodes must be at least 1", EXIT_CONFIG)
+    code = _run_guarded(
+        lambda: run_demo(
+            nodes=n_nodes, path=path, limit=limit, sequential=not no_sequential, report_file=report_file
+        )
+    )
+    sys.exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,249 @@
+"""``zlink demo``: a throw-away local swarm that audits a Python codebase.
+
+It starts a broker and N node processes on 127.0.0.1 with CurveZMQ and fresh
+keys in a temporary home, fans ``inspect``, ``scan`` and ``docs`` out per file,
+merges the results with one ``verify`` task, runs the same job in one process
+for comparison, and removes every process and file it created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, TextIO
+
+from .client import Client, TaskFuture
+from .errors import ConnectError
+from .security import BrokerHome
+
+__all__ = ["LocalSwarm", "Progress", "run_demo"]
+
+
+class Progress:
+    """A small progress bar on stderr (one line, redrawn at most 10 times a second)."""
+
+    def __init__(self, total: int, label: str = "tasks", stream: TextIO | None = None) -> None:
+        self.total = max(1, total)
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.done = 0
+        self.start = time.monotonic()
+        self._last = 0.0
+        self._lock = threading.Lock()
+        self._tty = self.stream.isatty()
+
+    def advance(self, n: int = 1) -> None:
+        with self._lock:
+            self.done += n
+            now = time.monotonic()
+            if self._tty and (now - self._last > 0.1 or self.done >= self.total):
+                self._last = now
+                self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        width = 30
+        frac = min(1.0, self.done / self.total)
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        self.stream.write(f"\r[{bar}] {self.done:,}/{self.total:,} {self.label}  {elapsed:5.1f} s  {rate:,.0f}/s ")
+        self.stream.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._tty:
+                self._draw(time.monotonic())
+                self.stream.write("\n")
+            else:
+                elapsed = time.monotonic() - self.start
+                self.stream.write(f"{self.done:,}/{self.total:,} {self.label} in {elapsed:.1f} s\n")
+            self.stream.flush()
+
+
+class LocalSwarm:
+    """A broker and nodes as child processes on 127.0.0.1, with a temporary home.
+
+    Used by the demo, the tests and the benchmarks. Everything it starts is
+    stopped and everything it writes is removed by :meth:`close`.
+    """
+
+    def __init__(self, *, home: Path | None = None, broker_args: tuple[str, ...] = ()) -> None:
+        self._own_home = home is None
+        self.home = Path(home or tempfile.mkdtemp(prefix="zlink-demo-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.broker: subprocess.Popen[bytes] | None = None
+        self.endpoint = ""
+        self._broker_args = broker_args
+        self._names = 0
+
+    def start_broker(self, timeout: float = 15.0) -> str:
+        bh = BrokerHome(self.home)
+        bh.config_file.unlink(missing_ok=True)
+        bind = self.endpoint or "tcp://127.0.0.1:*"
+        self.broker = self._spawn(
+            ["broker", "--home", str(self.home), "--bind", bind, "--log-level", "warning", "--quiet", *self._broker_args]
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.broker.poll() is not None:
+                raise ConnectError(f"the broker exited at start (code {self.broker.returncode})")
+            eps = bh.bound_endpoints()
+            if eps:
+                self.endpoint = eps[0]
+                return self.endpoint
+            time.sleep(0.05)
+        raise ConnectError("the broker did not start in time")
+
+    def invite(self, role: str, name: str | None = None) -> str:
+        self._names += 1
+        nm = name or f"{role}-{self._names}"
+        return BrokerHome(self.home).invite(name=nm, role=role, endpoints=[self.endpoint]).dump()
+
+    def start_node(
+        self, skills: str, *, slots: int = 1, prefetch: int | None = None, name: str | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> subprocess.Popen[bytes]:  # fmt: skip
+        join = self.invite("node", name)
+        args = ["node", "--skills", skills, "--slots", str(slots), "--log-level", "warning", *extra]
+        if prefetch is not None:
+            args += ["--prefetch", str(prefetch)]
+        return self._spawn(args, env={"ZLINK_JOIN": join})
+
+    def _spawn(self, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        full_env = dict(os.environ)
+        full_env.pop("ZLINK_JOIN", None)
+        full_env.update(env or {})
+        root = str(Path(__file__).resolve().parent.parent)
+        full_env["PYTHONPATH"] = root + os.pathsep + full_env.get("PYTHONPATH", "")
+        # the join string travels in the environment, never on a command line
+        proc = subprocess.Popen([sys.executable, "-m", "zlink", *args], env=full_env, stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def wait_nodes(self, client: Client, count: int, timeout: float = 20.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        st: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            st = client.status()
+            if len(st["nodes"]) >= count:
+                return st
+            for p in self.procs:
+                if p.poll() is not None and p is not self.broker:
+                    raise ConnectError(f"a node process exited early (code {p.returncode})")
+            time.sleep(0.1)
+        raise ConnectError(f"only {len(st.get('nodes', []))} of {count} nodes joined in time")
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+        if self._own_home:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _audit_module() -> Any:
+    from nodes import audit
+
+    return audit
+
+
+def run_demo(
+    *, nodes: int = 2, path: Path | None = None, limit: int | None = None, sequential: bool = True,
+    report_file: Path | None = None, window: int = 2000, out: TextIO | None = None,
+) -> int:  # fmt: skip
+    """Run the audit on a local swarm; returns a process exit code."""
+    out = out or sys.stdout
+    audit = _audit_module()
+    root = str(path or sysconfig.get_paths()["stdlib"])
+    files = audit.find_files(root, limit=limit)
+    if not files:
+        print(f"zlink demo: no Python files under {root}", file=sys.stderr)
+        return 2
+    print(f"zlink demo: a broker and {nodes} node process(es) on 127.0.0.1, CurveZMQ with throw-away keys", file=out)
+    print(f"auditing {len(files):,} files under {root}: inspect, scan and docs per file, then one verify", file=out)
+    out.flush()
+    with LocalSwarm() as swarm:
+        swarm.start_broker()
+        for i in range(nodes):
+            swarm.start_node("nodes.audit", slots=1, prefetch=16, name=f"audit-node-{i + 1}")
+        with Client(swarm.invite("client", "demo-client")) as client:
+            swarm.wait_nodes(client, nodes)
+            t0 = time.perf_counter()
+            results = _fan_out(client, audit, files, window)
+            verify = client.submit("verify", results, timeout=600).result()
+            wall = time.perf_counter() - t0
+            st = client.status()
+    print(audit.format_report(verify), file=out)
+    spread = ", ".join(f"{n['name']} {n['done']:,}" for n in st["nodes"])
+    print(f"\nswarm: {wall:.2f} s with {nodes} node(s) ({len(results):,} tasks + 1 verify; per node: {spread})", file=out)
+    if sequential:
+        out.flush()
+        t1 = time.perf_counter()
+        seq = audit.run_sequential(files)
+        seq_wall = time.perf_counter() - t1
+        same = json.dumps(seq, sort_keys=True) == json.dumps(verify, sort_keys=True)
+        print(
+            f"one process: {seq_wall:.2f} s   speedup {seq_wall / wall:.2f}x   "
+            f"(same report: {'yes' if same else 'NO'})",
+            file=out,
+        )
+    if report_file is not None:
+        report_file.write_text(json.dumps(verify, indent=2, sort_keys=True))
+        print(f"full report written to {report_file}", file=out)
+    return 0 if verify.get("ok") else 1
+
+
+def _fan_out(client: Client, audit: Any, files: list[str], window: int) -> list[Any]:
+    skills = audit.SKILLS
+    progress = Progress(len(files) * len(skills))
+    results: list[Any] = []
+    inflight: deque[TaskFuture] = deque()
+
+    def take(fut: TaskFuture) -> None:
+        results.append(fut.result())
+
+    try:
+        for path in files:
+            try:
+                source = audit.read_source(path)
+            except OSError as exc:
+                results.extend({"path": path, "kind": k, "error": f"unreadable: {exc.strerror}"} for k in skills)
+                progress.advance(len(skills))
+                continue
+            for skill in skills:
+                fut = client.submit(skill, path, source, timeout=300)
+                fut.add_done_callback(lambda _f: progress.advance())
+                inflight.append(fut)
+            while len(inflight) > window:
+                take(inflight.popleft())
+        while inflight:
+            take(inflight.popleft())
+    finally:
+        for f in inflight:
+            f.cancel()
+        progress.close()
+    return results
