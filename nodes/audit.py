@@ -103,15 +103,21 @@ _Scope: TypeAlias = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
 
 # Statements that open a nested block for the nesting-depth metric.
 _BLOCK_NODES = (
-    ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith,
-    ast.Try, ast.TryStar, ast.Match,
+    ast.If,
+    ast.For,
+    ast.AsyncFor,
+    ast.While,
+    ast.With,
+    ast.AsyncWith,
+    ast.Try,
+    ast.TryStar,
+    ast.Match,
 )
 
 
 def _decisions(node: ast.AST) -> int:
     """Decision points a single node adds to the cyclomatic complexity."""
-    if isinstance(node, (ast.If, ast.IfExp, ast.With, ast.AsyncWith,
-                         ast.ExceptHandler, ast.match_case, ast.Assert)):
+    if isinstance(node, (ast.If, ast.IfExp, ast.With, ast.AsyncWith, ast.ExceptHandler, ast.match_case, ast.Assert)):
         return 1
     if isinstance(node, (ast.For, ast.AsyncFor, ast.While)):
         return 2 if node.orelse else 1  # a loop's else is a second branch
@@ -165,9 +171,7 @@ def _max_nesting(tree: ast.Module) -> int:
         for stmt in body:
             inner = depth + 1 if isinstance(stmt, _BLOCK_NODES) else depth
             deepest = max(deepest, inner)
-            if isinstance(stmt, ast.If) and len(stmt.orelse) == 1 and isinstance(
-                stmt.orelse[0], ast.If
-            ):
+            if isinstance(stmt, ast.If) and len(stmt.orelse) == 1 and isinstance(stmt.orelse[0], ast.If):
                 stack.append((stmt.body, inner))
                 stack.append((stmt.orelse, depth))  # elif chain
                 continue
@@ -199,9 +203,7 @@ def inspect(path: str, source: str) -> Result:
     lines = _split_lines(source)
     if lines and lines[-1] == "":
         lines.pop()  # text ending in a newline has no extra empty line
-    code_lines = sum(
-        1 for line in lines if line.strip() and not line.lstrip().startswith("#")
-    )
+    code_lines = sum(1 for line in lines if line.strip() and not line.lstrip().startswith("#"))
 
     functions, classes = _functions(tree)
     ranked = sorted(functions, key=lambda f: (-f["complexity"], f["line"], f["name"]))
@@ -242,14 +244,14 @@ _RISKY_CALLS: dict[str, tuple[str, str]] = {
 }
 # Calls that always go through a shell.
 _SHELL_CALLS = {
-    "os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput",
+    "os.system",
+    "os.popen",
+    "subprocess.getoutput",
+    "subprocess.getstatusoutput",
     "asyncio.create_subprocess_shell",
 }
 # Calls that use a shell only with shell=True.
-_SUBPROCESS_CALLS = {
-    f"subprocess.{func}"
-    for func in ("Popen", "run", "call", "check_call", "check_output")
-}
+_SUBPROCESS_CALLS = {f"subprocess.{func}" for func in ("Popen", "run", "call", "check_call", "check_output")}
 _SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader", "BaseLoader", "CBaseLoader"}
 
 
@@ -437,9 +439,7 @@ def _is_secondary_def(func: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
     for decorator in func.decorator_list:
         if isinstance(decorator, ast.Name) and decorator.id == "overload":
             return True
-        if isinstance(decorator, ast.Attribute) and decorator.attr in (
-            "overload", "setter", "deleter"
-        ):
+        if isinstance(decorator, ast.Attribute) and decorator.attr in ("overload", "setter", "deleter"):
             return True
     return False
 
@@ -496,8 +496,7 @@ def docs(path: str, source: str) -> Result:
 
 # Keys verify() reads from each kind of result.
 _REQUIRED_KEYS = {
-    "inspect": {"lines", "code_lines", "functions", "classes", "total_complexity",
-                "top", "hotspots"},
+    "inspect": {"lines", "code_lines", "functions", "classes", "total_complexity", "top", "hotspots"},
     "scan": {"findings"},
     "docs": {"module_docstring", "public", "documented", "missing"},
 }
@@ -557,20 +556,14 @@ def verify(results: list[Any]) -> Result:
                 problems.append({"path": path, "issue": f"missing {kind} result"})
             elif len(copies) > 1:
                 problems.append({"path": path, "issue": f"{len(copies)} {kind} results"})
-        chosen[path] = {
-            k: v[0] if len(v) == 1 else min(v, key=_canonical) for k, v in kinds.items()
-        }
+        chosen[path] = {k: v[0] if len(v) == 1 else min(v, key=_canonical) for k, v in kinds.items()}
         errors = sorted(r["error"] for r in chosen[path].values() if "error" in r)
         if errors:
             parse_errors.append({"path": path, "error": str(errors[0])})
     problems.sort(key=lambda p: (p["path"], p["issue"]))
 
     def good(kind: str) -> list[tuple[str, Result]]:
-        return [
-            (path, kinds[kind])
-            for path, kinds in chosen.items()
-            if kind in kinds and "error" not in kinds[kind]
-        ]
+        return [(path, kinds[kind]) for path, kinds in chosen.items() if kind in kinds and "error" not in kinds[kind]]
 
     inspected, scanned, documented = good("inspect"), good("scan"), good("docs")
 
@@ -578,15 +571,11 @@ def verify(results: list[Any]) -> Result:
     functions = sum(int(r["functions"]) for _, r in inspected)
     total_complexity = sum(int(r["total_complexity"]) for _, r in inspected)
     candidates = {
-        (path, f["name"], f["line"]): f["complexity"]
-        for path, r in inspected
-        for f in [*r["top"], *r["hotspots"]]
+        (path, f["name"], f["line"]): f["complexity"] for path, r in inspected for f in [*r["top"], *r["hotspots"]]
     }
     top_complex = [
         {"path": path, "name": name, "line": line, "complexity": complexity}
-        for (path, name, line), complexity in sorted(
-            candidates.items(), key=lambda c: (-c[1], c[0])
-        )[:REPORT_N]
+        for (path, name, line), complexity in sorted(candidates.items(), key=lambda c: (-c[1], c[0]))[:REPORT_N]
     ]
 
     # Findings.
@@ -609,11 +598,7 @@ def verify(results: list[Any]) -> Result:
     public = sum(int(r["public"]) for _, r in documented)
     has_doc = sum(int(r["documented"]) for _, r in documented)
     worst_docs = sorted(
-        (
-            {"path": path, "missing": len(r["missing"]), "public": r["public"]}
-            for path, r in documented
-            if r["missing"]
-        ),
+        ({"path": path, "missing": len(r["missing"]), "public": r["public"]} for path, r in documented if r["missing"]),
         key=lambda d: (-d["missing"], d["path"]),
     )[:REPORT_N]
 
@@ -663,9 +648,9 @@ def find_files(root: str, *, limit: int | None = None) -> list[str]:
     found: list[str] = []
     for directory, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = [
-            d for d in dirnames
-            if d not in _SKIP_DIRS and not d.startswith(".")
-            and not os.path.islink(os.path.join(directory, d))
+            d
+            for d in dirnames
+            if d not in _SKIP_DIRS and not d.startswith(".") and not os.path.islink(os.path.join(directory, d))
         ]
         for name in filenames:
             path = os.path.join(directory, name)
@@ -716,7 +701,7 @@ def run_sequential(paths: list[str]) -> Result:
 
 
 def _shorten(path: str, prefix: str) -> str:
-    return path[len(prefix):].lstrip("/\\") if prefix and path.startswith(prefix) else path
+    return path[len(prefix) :].lstrip("/\\") if prefix and path.startswith(prefix) else path
 
 
 def format_report(report: Result) -> str:
@@ -756,8 +741,7 @@ def format_report(report: Result) -> str:
         ),
         (
             f"  findings {t['findings']:,} (high {severity['high']},"
-            f" medium {severity['medium']}, low {severity['low']})"
-            + (f": {rules}" if rules else "")
+            f" medium {severity['medium']}, low {severity['low']})" + (f": {rules}" if rules else "")
         ),
     ]
     if report["top_findings"]:

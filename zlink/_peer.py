@@ -9,12 +9,12 @@ a socket: they hand closures to the I/O thread with :meth:`call_soon`.
 from __future__ import annotations
 
 import logging
-from abc import ABC, abstractmethod
 import os
 import random
 import socket
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
@@ -253,7 +253,7 @@ class PeerLink(ABC):
         try:
             while not self._closing:
                 timeout = max(0.0, next_tick - time.monotonic())
-                events = dict(poller.poll(timeout * 1000))
+                events = dict(poller.poll(int(timeout * 1000)))
                 if self._waker.r in events:
                     self._waker.clear()
                 while self._calls:
@@ -363,12 +363,12 @@ class PeerLink(ABC):
                     self._send_hello()
                 return
             if msg.code in ("forbidden", "bad-role", "bad-hello", "unauthenticated", "revoked") and not msg.tids:
-                exc = AuthenticationError(f"the broker refused this {self.hat}: {msg.message}")
+                refused = AuthenticationError(f"the broker refused this {self.hat}: {msg.message}")
                 if not self._ready.is_set() or msg.code == "revoked":
-                    self._fatal = exc
+                    self._fatal = refused
                     self._closing = True
                     self._ready.set()
-                    self.on_fatal(exc)
+                    self.on_fatal(refused)
                     return
         self.on_message(msg, frames[1:])
 

@@ -145,7 +145,7 @@ class Broker:
             ctx.destroy(linger=0)
 
     def _server_socket(self, ctx: zmq.Context[Any], kind: int) -> zmq.Socket[Any]:
-        sock = ctx.socket(kind)
+        sock: zmq.Socket[Any] = ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.curve_server = True
         sock.curve_secretkey = (self.keys.secret or "").encode("ascii")
@@ -210,7 +210,7 @@ class Broker:
         decode = P.decode
         while not self._stop.is_set():
             wait = min(sched.next_wakeup(), next_beacon, now + 0.25) - time.monotonic()
-            events = dict(poller.poll(max(0.0, wait) * 1000))
+            events = dict(poller.poll(max(0, int(wait * 1000) + 1)))
             now = time.monotonic()
             if zap in events:
                 self._serve_zap(zap)
@@ -227,7 +227,9 @@ class Broker:
                     header = frames[1]
                     if len(frames) > 2 and sum(len(f) for f in frames[1:]) > max_size:
                         sched.count_error("too-large")
-                        self._send(router, [Send(route, P.Error(code="too-large", message=f"message over {max_size} bytes"))])
+                        self._send(
+                            router, [Send(route, P.Error(code="too-large", message=f"message over {max_size} bytes"))]
+                        )
                         continue
                     try:
                         msg = decode(header.buffer, len(frames) - 2)
@@ -251,7 +253,7 @@ class Broker:
                     if type(beat) is not P.Heartbeat:
                         sched.count_error("heartbeat-unexpected")
                         continue
-                    key = frame.get("User-Id")
+                    key = str(frame.get("User-Id"))
                     self._send(router, handle(Heartbeat(key, beat), now))
             if now >= next_beacon:
                 next_beacon = now + self.heartbeat_interval
@@ -276,7 +278,7 @@ class Broker:
             user = header.get("User-Id")
         except zmq.ZMQError:
             return None
-        entry = self.allowed.get(user) if user else None
+        entry = self.allowed.get(str(user)) if user else None
         if entry is None:
             return None
         return Identity(entry.public, entry.name, entry.role)

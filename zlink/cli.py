@@ -91,15 +91,24 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--bind", default="tcp://0.0.0.0:7700", show_default=True, help="Main endpoint; P+1 and P+2 are also used.")
+@click.option(
+    "--bind", default="tcp://0.0.0.0:7700", show_default=True, help="Main endpoint; P+1 and P+2 are also used."
+)
 @home_option
 @click.option("--heartbeat-interval", type=float, default=0.5, show_default=True, help="Seconds between beats.")
 @click.option("--liveness", type=int, default=3, show_default=True, help="Missed beats before a node is dead.")
 @click.option("--max-message-size", type=int, default=16 * 1024 * 1024, show_default=True, help="Bytes.")
-@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
 @click.option("--quiet", is_flag=True, help="Do not print the start-up banner.")
 def broker(
-    bind: str, home: Path | None, heartbeat_interval: float, liveness: int, max_message_size: int, log_level: str,
+    bind: str,
+    home: Path | None,
+    heartbeat_interval: float,
+    liveness: int,
+    max_message_size: int,
+    log_level: str,
     quiet: bool,
 ) -> None:
     """Run the broker (until Ctrl-C or SIGTERM)."""
@@ -238,13 +247,17 @@ def keygen(name: str, out: Path) -> None:
 
 @main.command()
 @join_option
-@click.option("--skills", "skills", required=True, multiple=True, help="Module name or .py file with @zlink.skill functions.")
+@click.option(
+    "--skills", "skills", required=True, multiple=True, help="Module name or .py file with @zlink.skill functions."
+)
 @click.option("--slots", type=int, default=4, show_default=True, help="Tasks run at once.")
 @click.option("--prefetch", type=int, default=None, help="Extra tasks queued at the node (default: = slots).")
 @click.option("--name", default=None, help="Node name (default: the join string's).")
 @click.option("--heartbeat-interval", type=float, default=None, help="Seconds (default: the broker's).")
 @click.option("--liveness", type=int, default=None, help="Missed beacons before the broker is presumed gone.")
-@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
 def node(
     join: str | None,
     skills: tuple[str, ...],
@@ -391,9 +404,7 @@ def demo(n_nodes: int, path: Path | None, limit: int | None, no_sequential: bool
     if n_nodes < 1:
         _fail("--nodes must be at least 1", EXIT_CONFIG)
     code = _run_guarded(
-        lambda: run_demo(
-            nodes=n_nodes, path=path, limit=limit, sequential=not no_sequential, report_file=report_file
-        )
+        lambda: run_demo(nodes=n_nodes, path=path, limit=limit, sequential=not no_sequential, report_file=report_file)
     )
     sys.exit(code)
 

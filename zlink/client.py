@@ -69,7 +69,7 @@ class TaskFuture(cf.Future[Any]):
 
 
 class _Pending:
-    __slots__ = ("spec", "payload", "future", "deadline")
+    __slots__ = ("deadline", "future", "payload", "spec")
 
     def __init__(self, spec: P.TaskSpec, payload: bytes, future: TaskFuture, deadline: float) -> None:
         self.spec = spec

@@ -91,7 +91,17 @@ class LocalSwarm:
         bh.config_file.unlink(missing_ok=True)
         bind = self.endpoint or "tcp://127.0.0.1:*"
         self.broker = self._spawn(
-            ["broker", "--home", str(self.home), "--bind", bind, "--log-level", "warning", "--quiet", *self._broker_args]
+            [
+                "broker",
+                "--home",
+                str(self.home),
+                "--bind",
+                bind,
+                "--log-level",
+                "warning",
+                "--quiet",
+                *self._broker_args,
+            ]
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -199,7 +209,9 @@ def run_demo(
             st = client.status()
     print(audit.format_report(verify), file=out)
     spread = ", ".join(f"{n['name']} {n['done']:,}" for n in st["nodes"])
-    print(f"\nswarm: {wall:.2f} s with {nodes} node(s) ({len(results):,} tasks + 1 verify; per node: {spread})", file=out)
+    print(
+        f"\nswarm: {wall:.2f} s with {nodes} node(s) ({len(results):,} tasks + 1 verify; per node: {spread})", file=out
+    )
     if sequential:
         out.flush()
         t1 = time.perf_counter()

@@ -93,7 +93,12 @@ def _make_spec(fn: Callable[..., Any], name: str | None, **meta: Any) -> SkillSp
 def skill(name: F, /) -> F: ...
 @overload
 def skill(
-    name: str | None = None, /, *, description: str | None = None, tags: Iterable[str] = (), examples: Iterable[str] = ()
+    name: str | None = None,
+    /,
+    *,
+    description: str | None = None,
+    tags: Iterable[str] = (),
+    examples: Iterable[str] = (),
 ) -> Callable[[F], F]: ...
 def skill(
     name: str | Callable[..., Any] | None = None,
@@ -164,7 +169,7 @@ def load_skills_module(target: str) -> types.ModuleType:
 class TaskContext:
     """What a running skill can learn about its task: ``zlink.current_task()``."""
 
-    __slots__ = ("id", "skill", "attempt", "deadline", "_cancelled", "_future")
+    __slots__ = ("_cancelled", "_future", "attempt", "deadline", "id", "skill")
 
     def __init__(self, tid: bytes, skill_name: str, attempt: int, timeout: float | None) -> None:
         self.id = tid.hex()
@@ -198,7 +203,7 @@ def current_task() -> TaskContext:
 
 
 class _Job:
-    __slots__ = ("item", "payload", "ctx")
+    __slots__ = ("ctx", "item", "payload")
 
     def __init__(self, item: P.DispatchItem, payload: zmq.Frame, ctx: TaskContext) -> None:
         self.item = item
@@ -405,9 +410,9 @@ class Node(PeerLink):
                 self._jobs.put(_Job(item, payload, ctx))
         elif t is P.Cancel:
             for tid in msg.tids:  # type: ignore[attr-defined]
-                ctx = self._running.get(tid)
-                if ctx is not None:
-                    ctx._cancel()
+                running = self._running.get(tid)
+                if running is not None:
+                    running._cancel()
         elif t is P.Error:
             log.warning("broker error %s: %s", msg.code, msg.message)  # type: ignore[attr-defined]
 

@@ -94,7 +94,8 @@ def pack_value(value: Any) -> bytes:
     but None, bool, int, float, str, bytes, list/tuple and dict.
     """
     try:
-        return msgpack.packb(value, use_bin_type=True, strict_types=False, datetime=False)
+        packed: bytes = msgpack.packb(value, use_bin_type=True, strict_types=False, datetime=False)
+        return packed
     except TypeError as exc:
         raise TypeError(
             f"zlink arguments and results must be msgpack values (None, bool, int, "
@@ -469,9 +470,7 @@ COMMANDS: Final[dict[str, type[Message]]] = {
 }
 
 _DEFAULTS: dict[type[Message], frozenset[str]] = {
-    cls: frozenset(
-        f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING
-    )
+    cls: frozenset(f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING)
     for cls in COMMANDS.values()
 }
 
@@ -488,7 +487,8 @@ def encode(msg: Message) -> bytes:
     for name, _ in msg.SCHEMA:
         header[name] = _wire_value(getattr(msg, name))
     try:
-        return msgpack.packb(header, use_bin_type=True)
+        packed: bytes = msgpack.packb(header, use_bin_type=True)
+        return packed
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"cannot encode {msg.COMMAND}: {exc}", code="encode") from None
 
@@ -529,7 +529,5 @@ def decode(data: bytes | memoryview, frames: int = 0) -> Message:
     msg = cls(**kwargs)
     expected = msg.payload_count()
     if frames != expected:
-        raise RemoteProtocolError(
-            f"{command} needs {expected} payload frame(s), got {frames}", code="frame-count"
-        )
+        raise RemoteProtocolError(f"{command} needs {expected} payload frame(s), got {frames}", code="frame-count")
     return msg

@@ -141,7 +141,7 @@ class SchedulerConfig:
 
 
 class Peer:
-    __slots__ = ("route", "session", "name", "identity", "hat", "last_seen")
+    __slots__ = ("hat", "identity", "last_seen", "name", "route", "session")
 
     def __init__(self, route: bytes, session: bytes, name: str, identity: Identity, hat: str, now: float) -> None:
         self.route = route
@@ -153,7 +153,7 @@ class Peer:
 
 
 class Node(Peer):
-    __slots__ = ("skills", "slots", "capacity", "inflight", "done", "failed", "alive", "joined")
+    __slots__ = ("alive", "capacity", "done", "failed", "inflight", "joined", "skills", "slots")
 
     def __init__(self, *a: Any, skills: dict[str, Any], slots: int, prefetch: int) -> None:
         super().__init__(*a)
@@ -178,8 +178,18 @@ class Client(Peer):
 
 class Task:
     __slots__ = (
-        "tid", "skill", "client", "payload", "attempt", "max_attempts", "deadline",
-        "node", "state", "reads", "writes", "tried",
+        "attempt",
+        "client",
+        "deadline",
+        "max_attempts",
+        "node",
+        "payload",
+        "reads",
+        "skill",
+        "state",
+        "tid",
+        "tried",
+        "writes",
     )  # fmt: skip
 
     def __init__(self, spec: P.TaskSpec, client: Client, payload: Any, deadline: float) -> None:
@@ -308,7 +318,9 @@ class Scheduler:
             self._error(route, "bad-role", f"unknown role {hat!r}")
             return
         if hat not in allowed:
-            self._error(route, "forbidden", f"key {identity.name!r} has role {identity.role!r}: it may not act as a {hat}")
+            self._error(
+                route, "forbidden", f"key {identity.name!r} has role {identity.role!r}: it may not act as a {hat}"
+            )
             return
         if hat == "node" and (msg.slots < 1 or not msg.skills):
             self._error(route, "bad-hello", "a node must offer at least one skill and one slot")
@@ -470,7 +482,9 @@ class Scheduler:
                 continue
             self.counters["timed_out"] += 1
             self._cancel_task(task)
-            self._deliver_status(task.client, tid, task.attempt, Outcome.TIMEOUT, "the task's timeout passed at the broker")
+            self._deliver_status(
+                task.client, tid, task.attempt, Outcome.TIMEOUT, "the task's timeout passed at the broker"
+            )
         horizon = now - self.config.node_timeout
         for node in [n for n in self.nodes.values() if n.last_seen < horizon]:
             self.counters["nodes_died"] += 1
@@ -628,8 +642,8 @@ class Scheduler:
                 out.append(Send(node.route, P.Dispatch(tasks=tuple(items)), frames))
             self._dispatch = {}
         if self._results:
-            for client, (items, frames) in self._results.items():
-                out.append(Send(client.route, P.Result(results=tuple(items)), frames))
+            for client, (results, rframes) in self._results.items():
+                out.append(Send(client.route, P.Result(results=tuple(results)), rframes))
             self._results = {}
         self._out = []
         return out

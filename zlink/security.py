@@ -107,7 +107,11 @@ def write_cert(path: Path, keys: KeyPair, *, metadata: dict[str, str] | None = N
 
     Secret certificates are created with mode 0600 and never overwritten.
     """
-    lines = [_HEADER.format(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), kind="Secret" if secret else "Public")]
+    lines = [
+        _HEADER.format(
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(), kind="Secret" if secret else "Public"
+        )
+    ]
     lines.append("metadata\n")
     for k, v in (metadata or {}).items():
         if not re.match(r"^[a-z][a-z0-9_-]*$", k) or '"' in v or "\n" in v:
