@@ -125,6 +125,7 @@ class PeerLink(ABC):
         self._fatal: ZlinkError | None = None
         self._last_beacon = 0.0
         self._hello_sent = 0.0
+        self.dropped_sends = 0
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._thread = threading.Thread(target=self._run, name=f"zlink-{self.hat}-io", daemon=True)
 
@@ -150,6 +151,8 @@ class PeerLink(ABC):
             raise self._fatal
 
     def _term(self) -> None:
+        if self._thread.is_alive():
+            return  # never block on term() while a socket may still be open
         try:
             self._ctx.term()
         except zmq.ZMQError:
@@ -214,9 +217,15 @@ class PeerLink(ABC):
         header = P.encode(msg)
         try:
             if frames:
-                self._sock.send_multipart([header, *frames], copy=False)
+                self._sock.send_multipart([header, *frames], zmq.NOBLOCK, copy=False)
             else:
-                self._sock.send(header)
+                self._sock.send(header, zmq.NOBLOCK)
+        except zmq.Again:
+            # the send queue is full (broker unreachable for long): the message is
+            # dropped here; unresolved tasks are resubmitted on the next WELCOME
+            self.dropped_sends += 1
+            if msg.COMMAND != "HELLO":
+                self.welcome = None
         except zmq.ZMQError as exc:  # pragma: no cover - context torn down under us
             log.debug("send failed: %s", exc)
 
@@ -231,7 +240,6 @@ class PeerLink(ABC):
         tune_reconnect(sock)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.setsockopt(zmq.IMMEDIATE, 1)
         monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         beacon = ctx.socket(zmq.SUB)
         curve_client(beacon, self.join)

@@ -263,7 +263,7 @@ class Broker:
                     pass
             if now >= next_keys:
                 next_keys = now + 1.0
-                for key in self.allowed.refresh():
+                for key in self.allowed.take_removed():
                     log.info("key %s... was revoked: disconnecting its peers", key[:8])
                     self._send(router, handle(Revoked(key), now))
                 sched.counters["auth_denied"] = self.zap.denied

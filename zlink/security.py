@@ -207,6 +207,8 @@ class AllowedKeys:
         self._stamp: tuple[tuple[str, int, int], ...] | None = None
         self.by_key: dict[str, AllowedKey] = {}
         self.bad_files: list[str] = []
+        #: keys removed (or whose role changed) since :meth:`take_removed` last ran
+        self.removed: set[str] = set()
         self.refresh()
 
     def _scan(self) -> tuple[tuple[str, int, int], ...]:
@@ -244,7 +246,14 @@ class AllowedKeys:
         removed |= {k for k, v in table.items() if k in self.by_key and self.by_key[k].role != v.role}
         self.by_key = table
         self.bad_files = bad
+        self.removed |= removed
         return removed
+
+    def take_removed(self) -> set[str]:
+        """Refresh, then return and forget the keys removed since the last call."""
+        self.refresh()
+        out, self.removed = self.removed, set()
+        return out
 
     def get(self, public: str) -> AllowedKey | None:
         return self.by_key.get(public)
