@@ -9,6 +9,7 @@ a socket: they hand closures to the I/O thread with :meth:`call_soon`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import socket
@@ -76,12 +77,15 @@ class Waker:
                 pass
 
     def clear(self) -> None:
-        self.armed = False
+        # drain first, then disarm: a wake() in between must not be lost (the
+        # caller processes its queues after clear(), so anything queued before
+        # the disarm is seen, and anything after it sends a new byte)
         try:
             while self.r.recv(4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+        self.armed = False
 
     def close(self) -> None:
         self.r.close()
@@ -121,6 +125,7 @@ class PeerLink(ABC):
         self._waker = Waker()
         self._closing = False
         self._closed = threading.Event()
+        self._close_lock = threading.Lock()
         self._ready = threading.Event()
         self._fatal: ZlinkError | None = None
         self._last_beacon = 0.0
@@ -160,16 +165,15 @@ class PeerLink(ABC):
         self._waker.close()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Say BYE and stop the I/O thread. Idempotent."""
-        if self._closed.is_set() or not self._thread.is_alive():
-            if not self._closed.is_set():
+        """Say BYE and stop the I/O thread. Idempotent and thread-safe."""
+        with self._close_lock:
+            if self._closed.is_set() or not self._thread.is_alive():
                 self._closed.set()
-            return
-        self._closing = True
-        self._waker.wake()
-        self._thread.join(timeout)
-        self._closed.set()
-        if not self._thread.is_alive():
+                return
+            self._closing = True
+            self._waker.wake()
+            self._thread.join(timeout)
+            self._closed.set()
             self._term()
 
     @property
@@ -255,14 +259,15 @@ class PeerLink(ABC):
         poller.register(monitor, zmq.POLLIN)
         poller.register(beacon, zmq.POLLIN)
         poller.register(self._waker.r, zmq.POLLIN)
+        waker_fd = self._waker.r.fileno()
         self._send_hello()
         next_tick = time.monotonic()
         handshake_failures = 0
         try:
             while not self._closing:
                 timeout = max(0.0, next_tick - time.monotonic())
-                events = dict(poller.poll(int(timeout * 1000)))
-                if self._waker.r in events:
+                events = dict(poller.poll(math.ceil(timeout * 1000)))
+                if waker_fd in events:  # pyzmq reports plain sockets by fd
                     self._waker.clear()
                 while self._calls:
                     try:

@@ -16,6 +16,7 @@ ever decoded, logged or written anywhere.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -210,7 +211,7 @@ class Broker:
         decode = P.decode
         while not self._stop.is_set():
             wait = min(sched.next_wakeup(), next_beacon, now + 0.25) - time.monotonic()
-            events = dict(poller.poll(max(0, int(wait * 1000) + 1)))
+            events = dict(poller.poll(max(0, math.ceil(wait * 1000))))
             now = time.monotonic()
             if zap in events:
                 self._serve_zap(zap)

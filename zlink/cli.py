@@ -251,7 +251,12 @@ def keygen(name: str, out: Path) -> None:
     "--skills", "skills", required=True, multiple=True, help="Module name or .py file with @zlink.skill functions."
 )
 @click.option("--slots", type=int, default=4, show_default=True, help="Tasks run at once.")
-@click.option("--prefetch", type=int, default=None, help="Extra tasks queued at the node (default: = slots).")
+@click.option(
+    "--prefetch",
+    type=int,
+    default=None,
+    help="Most tasks queued at the node beyond its slots (default 1024; the broker adapts the depth to the task rate).",
+)
 @click.option("--name", default=None, help="Node name (default: the join string's).")
 @click.option("--heartbeat-interval", type=float, default=None, help="Seconds (default: the broker's).")
 @click.option("--liveness", type=int, default=None, help="Missed beacons before the broker is presumed gone.")

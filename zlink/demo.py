@@ -199,7 +199,7 @@ def run_demo(
     with LocalSwarm() as swarm:
         swarm.start_broker()
         for i in range(nodes):
-            swarm.start_node("nodes.audit", slots=1, prefetch=16, name=f"audit-node-{i + 1}")
+            swarm.start_node("nodes.audit", slots=1, name=f"audit-node-{i + 1}")
         with Client(swarm.invite("client", "demo-client")) as client:
             swarm.wait_nodes(client, nodes)
             t0 = time.perf_counter()

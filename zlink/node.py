@@ -251,7 +251,9 @@ class Node(PeerLink):
             heartbeat_interval=heartbeat_interval, liveness=liveness,
         )  # fmt: skip
         self.slots = slots
-        self.prefetch = slots if prefetch is None else max(0, prefetch)
+        # the most tasks this node holds beyond its slots; the broker adapts the
+        # actual depth to how fast tasks finish (about 10 ms of work)
+        self.prefetch = 1024 if prefetch is None else max(0, prefetch)
         self.skills: dict[str, SkillSpec] = {}
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._done: deque[tuple[bytes, int, int, bytes]] = deque()

@@ -152,14 +152,30 @@ class Peer:
         self.last_seen = now
 
 
+#: seconds of work the broker tries to keep queued at a node beyond its slots
+PREFETCH_HORIZON: Final = 0.01
+#: how often (seconds) a node's completion rate is re-measured
+RATE_WINDOW: Final = 0.05
+
+
 class Node(Peer):
-    __slots__ = ("alive", "capacity", "done", "failed", "inflight", "joined", "skills", "slots")
+    __slots__ = (
+        "alive", "capacity", "done", "failed", "inflight", "joined", "max_prefetch",
+        "rate", "rate_n", "rate_t", "skills", "slots",
+    )  # fmt: skip
 
     def __init__(self, *a: Any, skills: dict[str, Any], slots: int, prefetch: int) -> None:
         super().__init__(*a)
         self.skills = skills
         self.slots = slots
-        self.capacity = max(1, slots + prefetch)
+        #: the node accepts at most this many tasks beyond its slots...
+        self.max_prefetch = prefetch
+        #: ...and the broker keeps about PREFETCH_HORIZON seconds of work there,
+        #: at least ``slots`` (capped by max_prefetch): capacity = slots + that
+        self.capacity = max(1, slots + min(prefetch, slots))
+        self.rate = 0.0  # completions per second (EWMA)
+        self.rate_t = self.last_seen
+        self.rate_n = 0
         #: tid -> attempt for everything sent to this node and not yet answered
         self.inflight: dict[bytes, int] = {}
         self.done = 0
@@ -451,7 +467,25 @@ class Scheduler:
                 node.failed += 1
             self._queue_result(task.client, P.ResultItem(tid, attempt, item.status), payload)
         if freed:
+            if self._now - node.rate_t >= RATE_WINDOW:
+                self._adapt(node)
             self._pump_node(node)
+
+    def _adapt(self, node: Node) -> None:
+        """Re-size a node's prefetch to its measured completion rate.
+
+        Fast tasks need many queued at the node to hide the round trip through
+        the broker; slow ones need few, so that work is not parked at one node
+        while another idles.
+        """
+        now = self._now
+        finished = node.done + node.failed
+        elapsed = now - node.rate_t
+        rate = (finished - node.rate_n) / elapsed if elapsed > 0 else 0.0
+        node.rate = rate if node.rate == 0.0 else 0.5 * node.rate + 0.5 * rate
+        node.rate_t, node.rate_n = now, finished
+        want = max(node.slots, int(node.rate * PREFETCH_HORIZON))
+        node.capacity = max(1, node.slots + min(node.max_prefetch, want))
 
     def _on_cancel(self, client: Client, tids: Iterable[bytes]) -> None:
         for tid in tids:
