@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final, NamedTuple, TypeVar
 
 import msgpack
 
@@ -170,7 +170,7 @@ def _v_list(inner: Validator, limit: int = MAX_BATCH) -> Validator:
     def check(v: Any) -> tuple[Any, ...]:
         if type(v) is not list or len(v) > limit:
             raise _bad(f"expected a list of at most {limit} items")
-        return tuple(inner(x) for x in v)
+        return tuple([inner(x) for x in v])
 
     return check
 
@@ -205,8 +205,7 @@ _v_status = _v_int(0, max(Outcome.ALL))
 # --------------------------------------------------------------------------- records
 
 
-@dataclass(frozen=True, slots=True)
-class TaskSpec:
+class TaskSpec(NamedTuple):
     """One task in a SUBMIT: its id, skill and scheduling options."""
 
     tid: bytes
@@ -217,11 +216,10 @@ class TaskSpec:
     writes: tuple[str, ...] = ()
 
     def wire(self) -> list[Any]:
-        return [self.tid, self.skill, self.timeout, self.max_attempts, list(self.reads), list(self.writes)]
+        return list(self)
 
 
-@dataclass(frozen=True, slots=True)
-class DispatchItem:
+class DispatchItem(NamedTuple):
     """One task sent to a node: ``timeout`` is the time left, in seconds."""
 
     tid: bytes
@@ -230,11 +228,10 @@ class DispatchItem:
     timeout: float | None = None
 
     def wire(self) -> list[Any]:
-        return [self.tid, self.skill, self.attempt, self.timeout]
+        return list(self)
 
 
-@dataclass(frozen=True, slots=True)
-class ResultItem:
+class ResultItem(NamedTuple):
     """One outcome of one attempt at one task (see :class:`Outcome`)."""
 
     tid: bytes
@@ -242,20 +239,60 @@ class ResultItem:
     status: int
 
     def wire(self) -> list[Any]:
-        return [self.tid, self.attempt, self.status]
+        return list(self)
 
 
-_v_taskspec = _v_record(
-    TaskSpec,
-    _v_id,
-    _v_name,
-    _v_optional(_v_float(0.0, 1e7)),
-    _v_int(1, 100),
-    _v_keys,
-    _v_keys,
-)
-_v_dispatch_item = _v_record(DispatchItem, _v_id, _v_name, _v_int(1, 1000), _v_optional(_v_float(0.0, 1e7)))
-_v_result_item = _v_record(ResultItem, _v_id, _v_int(0, 1000), _v_status)
+# Hand-written validators for the records that travel in bulk: these run once
+# per task at every hop, so they avoid closures and generic loops.
+_MAX_STATUS: Final = max(Outcome.ALL)
+
+
+def _v_opt_timeout(t: Any) -> float | None:
+    if t is None:
+        return None
+    if (type(t) is float or type(t) is int) and 0.0 <= t <= 1e7:
+        return float(t)
+    raise _bad("timeout must be nil or a number of seconds in [0, 1e7]")
+
+
+def _v_taskspec(v: Any) -> TaskSpec:
+    if type(v) is not list or len(v) != 6:
+        raise _bad("expected a task record of 6 items")
+    tid, skill, timeout, attempts, reads, writes = v
+    if type(tid) is not bytes or len(tid) > MAX_ID or type(skill) is not str or len(skill) > MAX_NAME:
+        raise _bad("bad task id or skill name")
+    if type(attempts) is not int or not 1 <= attempts <= 100:
+        raise _bad("max_attempts must be in [1, 100]")
+    return TaskSpec(tid, skill, _v_opt_timeout(timeout), attempts, _v_keys(reads), _v_keys(writes))
+
+
+def _v_dispatch_item(v: Any) -> DispatchItem:
+    if type(v) is not list or len(v) != 4:
+        raise _bad("expected a dispatch record of 4 items")
+    tid, skill, attempt, timeout = v
+    if type(tid) is not bytes or len(tid) > MAX_ID or type(skill) is not str or len(skill) > MAX_NAME:
+        raise _bad("bad task id or skill name")
+    if type(attempt) is not int or not 1 <= attempt <= 1000:
+        raise _bad("attempt must be in [1, 1000]")
+    return DispatchItem(tid, skill, attempt, _v_opt_timeout(timeout))
+
+
+def _v_result_item(v: Any) -> ResultItem:
+    if type(v) is not list or len(v) != 3:
+        raise _bad("expected a result record of 3 items")
+    tid, attempt, status = v
+    if type(tid) is not bytes or len(tid) > MAX_ID:
+        raise _bad("bad task id")
+    if (
+        type(attempt) is not int
+        or not 0 <= attempt <= 1000
+        or type(status) is not int
+        or not 0 <= status <= _MAX_STATUS
+    ):
+        raise _bad("bad attempt or status")
+    return ResultItem(tid, attempt, status)
+
+
 _v_running = _v_list(_v_record(lambda *a: a, _v_id, _v_int(0, 1000)))
 
 
@@ -475,17 +512,11 @@ _DEFAULTS: dict[type[Message], frozenset[str]] = {
 }
 
 
-def _wire_value(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return [x.wire() if hasattr(x, "wire") else (list(x) if isinstance(x, tuple) else x) for x in v]
-    return v
-
-
 def encode(msg: Message) -> bytes:
     """Encode a command's header. Payload frames are sent as they are."""
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "c": msg.COMMAND}
     for name, _ in msg.SCHEMA:
-        header[name] = _wire_value(getattr(msg, name))
+        header[name] = getattr(msg, name)  # tuples and NamedTuples pack as arrays
     try:
         packed: bytes = msgpack.packb(header, use_bin_type=True)
         return packed
@@ -508,7 +539,7 @@ def decode(data: bytes | memoryview, frames: int = 0) -> Message:
     if type(header) is not dict:
         raise RemoteProtocolError("header is not a msgpack map", code="malformed")
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise RemoteProtocolError(
             f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})",
             code="bad-version",

@@ -247,6 +247,9 @@ class Scheduler:
         self.queues: dict[str, deque[Task]] = {}
         self.skill_nodes: dict[str, list[Node]] = {}
         self.deadlines: list[tuple[float, bytes]] = []
+        #: tid -> attempt of a task forgotten while a node still runs it, so that a
+        #: resubmission of the same id continues the attempt count (fencing)
+        self.fence: dict[bytes, int] = {}
         self.counters: dict[str, int] = {
             "submitted": 0, "dispatched": 0, "done": 0, "failed": 0, "requeued": 0,
             "lost": 0, "timed_out": 0, "cancelled": 0, "rejected": 0, "stale_results": 0,
@@ -421,6 +424,8 @@ class Scheduler:
                 continue
             deadline = now + spec.timeout if spec.timeout is not None else math.inf
             task = Task(spec, client, payload, deadline)
+            if self.fence:
+                task.attempt = self.fence.get(tid, 0)
             self.tasks[tid] = task
             client.tasks.add(tid)
             self.counters["submitted"] += 1
@@ -454,6 +459,8 @@ class Scheduler:
                 continue
             del node.inflight[tid]
             freed = True
+            if self.fence and self.fence.get(tid) == attempt:
+                del self.fence[tid]
             task = self.tasks.get(tid)
             if task is None or task.node is not node or task.attempt != attempt:
                 self.counters["stale_results"] += 1
@@ -520,7 +527,10 @@ class Scheduler:
                 task.client, tid, task.attempt, Outcome.TIMEOUT, "the task's timeout passed at the broker"
             )
         horizon = now - self.config.node_timeout
-        for node in [n for n in self.nodes.values() if n.last_seen < horizon]:
+        dead = [n for n in self.nodes.values() if n.last_seen < horizon]
+        for node in dead:  # all of them first, so none gets the others' tasks
+            node.alive = False
+        for node in dead:
             self.counters["nodes_died"] += 1
             self._drop_peer(node, "dead")
 
@@ -551,7 +561,7 @@ class Scheduler:
             best_load = 2.0
             for n in nodes:
                 used = len(n.inflight)
-                if used < n.capacity:
+                if used < n.capacity and n.alive:
                     load = used / n.capacity
                     if load < best_load:
                         best, best_load = n, load
@@ -568,7 +578,7 @@ class Scheduler:
 
     def _other_node(self, nodes: list[Node], task: Task) -> Node | None:
         for n in nodes:
-            if n.session not in task.tried and len(n.inflight) < n.capacity:
+            if n.session not in task.tried and len(n.inflight) < n.capacity and n.alive:
                 return n
         return None
 
@@ -602,6 +612,7 @@ class Scheduler:
         node = task.node if task.state == RUNNING else None
         self._forget(task)
         if node is not None and node.alive:
+            self.fence[task.tid] = task.attempt
             self._out.append(Send(node.route, P.Cancel(tids=(task.tid,))))
 
     def _queue_result(self, client: Client, item: P.ResultItem, payload: Any) -> None:
@@ -646,6 +657,8 @@ class Scheduler:
         """A node died or left: put its running tasks back at the head of their queues."""
         back: dict[str, list[Task]] = {}
         for tid, attempt in node.inflight.items():
+            if self.fence and self.fence.get(tid) == attempt:
+                del self.fence[tid]
             task = self.tasks.get(tid)
             if task is None or task.node is not node or task.attempt != attempt:
                 continue
