@@ -58,6 +58,7 @@ MAX_BATCH: Final = 65_536
 MAX_NAME: Final = 128
 MAX_KEYS: Final = 64
 MAX_ID: Final = 64
+MAX_ATTEMPT: Final = 2**31
 
 
 class Outcome:
@@ -272,8 +273,8 @@ def _v_dispatch_item(v: Any) -> DispatchItem:
     tid, skill, attempt, timeout = v
     if type(tid) is not bytes or len(tid) > MAX_ID or type(skill) is not str or len(skill) > MAX_NAME:
         raise _bad("bad task id or skill name")
-    if type(attempt) is not int or not 1 <= attempt <= 1000:
-        raise _bad("attempt must be in [1, 1000]")
+    if type(attempt) is not int or not 1 <= attempt <= MAX_ATTEMPT:
+        raise _bad(f"attempt must be in [1, {MAX_ATTEMPT}]")
     return DispatchItem(tid, skill, attempt, _v_opt_timeout(timeout))
 
 
@@ -285,7 +286,7 @@ def _v_result_item(v: Any) -> ResultItem:
         raise _bad("bad task id")
     if (
         type(attempt) is not int
-        or not 0 <= attempt <= 1000
+        or not 0 <= attempt <= MAX_ATTEMPT
         or type(status) is not int
         or not 0 <= status <= _MAX_STATUS
     ):
@@ -293,7 +294,7 @@ def _v_result_item(v: Any) -> ResultItem:
     return ResultItem(tid, attempt, status)
 
 
-_v_running = _v_list(_v_record(lambda *a: a, _v_id, _v_int(0, 1000)))
+_v_running = _v_list(_v_record(lambda *a: a, _v_id, _v_int(0, MAX_ATTEMPT)))
 
 
 # --------------------------------------------------------------------------- commands

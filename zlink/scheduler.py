@@ -197,6 +197,7 @@ class Task:
         "attempt",
         "client",
         "deadline",
+        "deaths",
         "max_attempts",
         "node",
         "payload",
@@ -214,6 +215,7 @@ class Task:
         self.client = client
         self.payload = payload
         self.attempt = 0
+        self.deaths = 0
         self.max_attempts = spec.max_attempts
         self.deadline = deadline
         self.node: Node | None = None
@@ -247,9 +249,10 @@ class Scheduler:
         self.queues: dict[str, deque[Task]] = {}
         self.skill_nodes: dict[str, list[Node]] = {}
         self.deadlines: list[tuple[float, bytes]] = []
-        #: tid -> attempt of a task forgotten while a node still runs it, so that a
-        #: resubmission of the same id continues the attempt count (fencing)
-        self.fence: dict[bytes, int] = {}
+        #: tid -> [highest attempt, holders] for tasks forgotten while nodes still
+        #: run them: a resubmission of the same id continues the attempt count, so
+        #: an answer from an old attempt can never pass for the new one (fencing)
+        self.fence: dict[bytes, list[int]] = {}
         self.counters: dict[str, int] = {
             "submitted": 0, "dispatched": 0, "done": 0, "failed": 0, "requeued": 0,
             "lost": 0, "timed_out": 0, "cancelled": 0, "rejected": 0, "stale_results": 0,
@@ -346,7 +349,7 @@ class Scheduler:
             return
         # a peer that re-sends HELLO (reconnect, new epoch) replaces its old self
         old = self.peers.get(route)
-        if old is not None and old.session != msg.session:
+        if old is not None and (old.session != msg.session or old.hat != hat):
             self._drop_peer(old, "replaced")
         same = (self.nodes if hat == "node" else self.clients).get(msg.session)
         if same is not None and same.identity.key != identity.key:
@@ -362,6 +365,7 @@ class Scheduler:
             peer: Peer = same
             if type(same) is Node:
                 same.alive = True
+                self._update_node(same, msg)
         elif hat == "node":
             node = Node(
                 route, msg.session, name, identity, hat, self._now,
@@ -392,8 +396,25 @@ class Scheduler:
             for skill in peer.skills:
                 self._pump(skill)
 
+    def _update_node(self, node: Node, msg: P.Hello) -> None:
+        """A known node said HELLO again: take its current skills and slots."""
+        for skill in node.skills:
+            if skill not in msg.skills:
+                lst = self.skill_nodes.get(skill)
+                if lst is not None and node in lst:
+                    lst.remove(node)
+                    if not lst:
+                        del self.skill_nodes[skill]
+        for skill in msg.skills:
+            if skill not in node.skills:
+                self.skill_nodes.setdefault(skill, []).append(node)
+        node.skills = msg.skills
+        node.slots = msg.slots
+        node.max_prefetch = msg.prefetch
+        node.capacity = max(1, msg.slots + min(msg.prefetch, msg.slots))
+
     def _unique_name(self, wanted: str, session: bytes) -> str:
-        name = wanted or "peer"
+        name = (wanted or "peer")[: P.MAX_NAME - 12]
         holder = self.names.get(name)
         if holder is None or holder == session or not self._session_alive(holder):
             return name
@@ -407,6 +428,9 @@ class Scheduler:
         return (node is not None and node.alive) or session in self.clients
 
     def _on_submit(self, client: Client, msg: P.Submit, frames: list[Any]) -> None:
+        if len(frames) != len(msg.tasks):
+            self._error(client.route, "frame-count", "one payload frame per task")
+            return
         now = self._now
         rejected: list[bytes] = []
         touched: set[str] = set()
@@ -424,8 +448,8 @@ class Scheduler:
                 continue
             deadline = now + spec.timeout if spec.timeout is not None else math.inf
             task = Task(spec, client, payload, deadline)
-            if self.fence:
-                task.attempt = self.fence.get(tid, 0)
+            if self.fence and tid in self.fence:
+                task.attempt = self.fence[tid][0]
             self.tasks[tid] = task
             client.tasks.add(tid)
             self.counters["submitted"] += 1
@@ -444,6 +468,9 @@ class Scheduler:
                 self._deliver_status(client, tid, 0, Outcome.REJECTED, "task id in use or too many tasks in flight")
 
     def _on_result(self, node: Node, msg: P.Result, frames: list[Any]) -> None:
+        if len(frames) != len(msg.results):
+            self._error(node.route, "frame-count", "one payload frame per result")
+            return
         freed = False
         for item, payload in zip(msg.results, frames, strict=True):
             tid = item.tid
@@ -459,10 +486,9 @@ class Scheduler:
                 continue
             del node.inflight[tid]
             freed = True
-            if self.fence and self.fence.get(tid) == attempt:
-                del self.fence[tid]
             task = self.tasks.get(tid)
             if task is None or task.node is not node or task.attempt != attempt:
+                self._fence_release(tid)  # the answer of a forgotten attempt
                 self.counters["stale_results"] += 1
                 continue
             self._forget(task)
@@ -556,6 +582,16 @@ class Scheduler:
         if not nodes:
             return
         tasks = self.tasks
+        skipped: list[Task] = []
+        try:
+            self._pump_queue(q, nodes, tasks, skipped)
+        finally:
+            if skipped:  # tasks whose only free node still runs an old attempt of them
+                q.extendleft(reversed(skipped))
+            elif not q:
+                self.queues.pop(skill, None)
+
+    def _pump_queue(self, q: deque[Task], nodes: list[Node], tasks: dict[bytes, Task], skipped: list[Task]) -> None:
         while q:
             best: Node | None = None
             best_load = 2.0
@@ -570,17 +606,25 @@ class Scheduler:
             task = q.popleft()
             if tasks.get(task.tid) is not task or task.state != QUEUED:
                 continue  # cancelled or timed out while queued
-            if task.tried and best.session in task.tried and len(nodes) > 1:
+            holding = task.tid in best.inflight
+            if holding or (task.tried and best.session in task.tried and len(nodes) > 1):
                 other = self._other_node(nodes, task)
                 if other is not None:
                     best = other
+                elif holding:
+                    skipped.append(task)
+                    continue
             self._start(task, best)
 
     def _other_node(self, nodes: list[Node], task: Task) -> Node | None:
+        """A node with room that does not hold this task id, untried ones first."""
+        fallback = None
         for n in nodes:
-            if n.session not in task.tried and len(n.inflight) < n.capacity and n.alive:
-                return n
-        return None
+            if len(n.inflight) < n.capacity and n.alive and task.tid not in n.inflight:
+                if n.session not in task.tried:
+                    return n
+                fallback = fallback or n
+        return fallback
 
     def _pump_node(self, node: Node) -> None:
         for skill in node.skills:
@@ -612,8 +656,20 @@ class Scheduler:
         node = task.node if task.state == RUNNING else None
         self._forget(task)
         if node is not None and node.alive:
-            self.fence[task.tid] = task.attempt
+            entry = self.fence.get(task.tid)
+            if entry is None:
+                self.fence[task.tid] = [task.attempt, 1]
+            else:
+                entry[0] = max(entry[0], task.attempt)
+                entry[1] += 1
             self._out.append(Send(node.route, P.Cancel(tids=(task.tid,))))
+
+    def _fence_release(self, tid: bytes) -> None:
+        entry = self.fence.get(tid)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self.fence[tid]
 
     def _queue_result(self, client: Client, item: P.ResultItem, payload: Any) -> None:
         batch = self._results.get(client)
@@ -640,7 +696,7 @@ class Scheduler:
                     if not lst:
                         del self.skill_nodes[skill]
             self._dispatch.pop(peer, None)
-            self._requeue(peer)
+            self._requeue(peer, died=why in ("dead", "gone"))
         elif type(peer) is Client:
             self.clients.pop(peer.session, None)
             if why in ("bye", "revoked"):
@@ -653,22 +709,27 @@ class Scheduler:
                 # keep its tasks: the client may come back with the same session
                 self.clients[peer.session] = peer
 
-    def _requeue(self, node: Node) -> None:
-        """A node died or left: put its running tasks back at the head of their queues."""
+    def _requeue(self, node: Node, *, died: bool) -> None:
+        """A node died or left: put its running tasks back at the head of their queues.
+
+        Only a death counts against ``max_attempts``; a node that leaves on
+        purpose (BYE) hands its tasks back for free.
+        """
         back: dict[str, list[Task]] = {}
         for tid, attempt in node.inflight.items():
-            if self.fence and self.fence.get(tid) == attempt:
-                del self.fence[tid]
             task = self.tasks.get(tid)
             if task is None or task.node is not node or task.attempt != attempt:
+                self._fence_release(tid)
                 continue
             task.node = None
-            if task.attempt >= task.max_attempts:
+            if died:
+                task.deaths += 1
+            if task.deaths >= task.max_attempts:
                 self.counters["lost"] += 1
                 self._forget(task)
                 self._deliver_status(
                     task.client, tid, task.attempt, Outcome.LOST,
-                    f"task was tried {task.attempt} times and its node died each time",
+                    f"task was tried {task.deaths} times and its node died each time",
                 )  # fmt: skip
                 continue
             task.state = QUEUED
