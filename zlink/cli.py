@@ -122,6 +122,16 @@ def broker(
             liveness=liveness, max_message_size=max_message_size,
         )  # fmt: skip
 
+    import signal
+
+    stop = {"flag": False}
+
+    def on_signal(*_: object) -> None:
+        stop["flag"] = True
+
+    # handlers first: broker.json (the readiness signal) appears during start()
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     b: Broker = _run_guarded(make)
     _run_guarded(b.start)
     if not quiet:
@@ -133,15 +143,6 @@ def broker(
         click.echo(f"  home: {b.home.path} ({allowed} allowed key{'s' if allowed != 1 else ''})", err=True)
         click.echo(f"  invite a peer:  zlink invite --home {b.home.path} --name NAME --role node|client|both", err=True)
     try:
-        import signal
-
-        stop = {"flag": False}
-
-        def on_signal(*_: object) -> None:
-            stop["flag"] = True
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
         while not stop["flag"] and b._thread is not None and b._thread.is_alive():
             time.sleep(0.2)
     finally:

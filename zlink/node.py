@@ -434,15 +434,27 @@ class Node(PeerLink):
             return
         items: list[P.ResultItem] = []
         frames: list[bytes] = []
+        limit = self.max_message_size - 4096  # room for the header
+        size = 0
         while done:
             tid, attempt, status, payload = done.popleft()
             if self._running.get(tid) is not None and self._running[tid].attempt == attempt:
                 del self._running[tid]
+            if len(payload) > limit:
+                status = Outcome.ERROR
+                payload = _error_payload(
+                    ValueError(
+                        f"the result is {len(payload)} bytes; the broker accepts at most "
+                        f"{self.max_message_size} bytes per message"
+                    ),
+                    self.name,
+                )
+            if items and (len(items) >= 1000 or size + len(payload) + 40 > limit):
+                self.send(P.Result(results=tuple(items)), frames)
+                items, frames, size = [], [], 0
             items.append(P.ResultItem(tid, attempt, status))
             frames.append(payload)
-            if len(items) >= 1000:
-                self.send(P.Result(results=tuple(items)), frames)
-                items, frames = [], []
+            size += len(payload) + 40  # the item's share of the header
         if items:
             self.send(P.Result(results=tuple(items)), frames)
 

@@ -253,6 +253,9 @@ class Scheduler:
         #: run them: a resubmission of the same id continues the attempt count, so
         #: an answer from an old attempt can never pass for the new one (fencing)
         self.fence: dict[bytes, list[int]] = {}
+        #: session -> (route, key) of nodes declared dead, so a heartbeat from one
+        #: that comes back can be answered with "hello-first" (bounded, oldest out)
+        self.ghosts: dict[bytes, tuple[bytes, str]] = {}
         self.counters: dict[str, int] = {
             "submitted": 0, "dispatched": 0, "done": 0, "failed": 0, "requeued": 0,
             "lost": 0, "timed_out": 0, "cancelled": 0, "rejected": 0, "stale_results": 0,
@@ -533,7 +536,14 @@ class Scheduler:
 
     def _on_heartbeat(self, ev: Heartbeat) -> None:
         node = self.nodes.get(ev.msg.session)
-        if node is None or node.identity.key != ev.key or not node.alive:
+        if node is None:
+            ghost = self.ghosts.pop(ev.msg.session, None)
+            if ghost is not None and ghost[1] == ev.key:
+                # a node we declared dead is alive after all (it was stalled or cut
+                # off): tell it to register again; its old tasks run elsewhere now
+                self._out.append(Send(ghost[0], P.Error(code="hello-first", message="you were declared dead")))
+            return
+        if node.identity.key != ev.key or not node.alive:
             return
         if ev.msg.epoch is not None and ev.msg.epoch != self.epoch:
             return  # it has not re-registered with us yet
@@ -689,6 +699,10 @@ class Scheduler:
         if type(peer) is Node:
             self.nodes.pop(peer.session, None)
             peer.alive = False
+            if why == "dead":
+                self.ghosts[peer.session] = (peer.route, peer.identity.key)
+                if len(self.ghosts) > 10_000:
+                    del self.ghosts[next(iter(self.ghosts))]
             for skill in peer.skills:
                 lst = self.skill_nodes.get(skill)
                 if lst is not None and peer in lst:
