@@ -389,7 +389,7 @@ class Client(PeerLink):
                 continue
             expired.append(tid)
             _resolve(pend.future, exc=TaskTimeout(
-                f"task {tid.hex()} ({pend.spec.skill}) did not finish within {pend.spec.timeout:g} s",
+                f"task {pend.spec.skill!r} ({tid.hex()}) did not finish within its timeout of {pend.spec.timeout:g} s",
                 task_id=tid.hex(),
             ))  # fmt: skip
         if expired and self.welcome is not None:

@@ -558,10 +558,14 @@ class Scheduler:
             if task is None or task.deadline != deadline:
                 continue
             self.counters["timed_out"] += 1
+            if task.state == RUNNING and task.node is not None:
+                why = f"task timed out while running on node {task.node.name!r}"
+            elif task.skill not in self.skill_nodes:
+                why = f"task timed out while queued: no node offers skill {task.skill!r}"
+            else:
+                why = f"task timed out while queued: every node with skill {task.skill!r} was busy"
             self._cancel_task(task)
-            self._deliver_status(
-                task.client, tid, task.attempt, Outcome.TIMEOUT, "the task's timeout passed at the broker"
-            )
+            self._deliver_status(task.client, tid, task.attempt, Outcome.TIMEOUT, why)
         horizon = now - self.config.node_timeout
         dead = [n for n in self.nodes.values() if n.last_seen < horizon]
         for node in dead:  # all of them first, so none gets the others' tasks

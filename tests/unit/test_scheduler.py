@@ -779,6 +779,21 @@ def test_requeued_task_prefers_a_node_it_has_not_tried() -> None:
 # --------------------------------------------------------------------------- deadlines
 
 
+def test_timeout_of_a_queued_task_says_why() -> None:
+    sim = setup(nodes={b"n1": {"slots": 1, "prefetch": 0}})
+    sim.submit(b"c1", now=0.0)  # occupies n1
+    _, (busy,), _ = sim.submit(b"c1", timeout=1.0, now=0.0)
+    _, (nobody,), _ = sim.submit(b"c1", skill="nosuch", timeout=1.0, now=0.0)
+    sim.beat(b"n1", now=1.0)
+    out = sim.tick(1.0)
+    assert sorted(status_text(out, b"c1")) == sorted(
+        [
+            (busy, 0, Outcome.TIMEOUT, "task timed out while queued: every node with skill 'echo' was busy"),
+            (nobody, 0, Outcome.TIMEOUT, "task timed out while queued: no node offers skill 'nosuch'"),
+        ]
+    )
+
+
 def test_timeout_of_a_running_task() -> None:
     sim = setup()
     _, (tid,), _ = sim.submit(b"c1", timeout=2.0, now=1.0)
@@ -787,7 +802,7 @@ def test_timeout_of_a_running_task() -> None:
     out = sim.tick(2.999)
     assert list(out) == []
     out = sim.tick(3.0)
-    assert status_text(out, b"c1") == [(tid, 1, Outcome.TIMEOUT, "the task's timeout passed at the broker")]
+    assert status_text(out, b"c1") == [(tid, 1, Outcome.TIMEOUT, "task timed out while running on node 'name-key-n1'")]
     assert out.cancels(b"n1") == [tid]
     assert tid not in sim.s.tasks
     assert sim.s.counters["timed_out"] == 1
