@@ -153,7 +153,7 @@ def broker(
 
 @main.command()
 @home_option
-@click.option("--name", default=None, help="Peer name (default: peer-XXXX).")
+@click.option("--name", default=None, help="Peer name (default: peer- and four random hex digits).")
 @click.option("--role", type=click.Choice(["node", "client", "both", "admin"]), default="both", show_default=True)
 @click.option("--host", default=None, help="Host name or address peers use to reach the broker.")
 @click.option("--port", type=int, default=None, help="Broker port (default: the one it last bound).")

@@ -22,11 +22,8 @@ MakeRaw = Callable[[str, "zlink.Join | None"], RawPeer]
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
-    sw = start_swarm(tmp_path_factory.mktemp("auth") / "home", ["auth-node"], slots=2)
-    try:
+    with start_swarm(tmp_path_factory.mktemp("auth") / "home", ["auth-node"], slots=2) as sw:
         yield sw
-    finally:
-        sw.close()
 
 
 @pytest.fixture(scope="module")

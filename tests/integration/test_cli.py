@@ -26,11 +26,8 @@ COMMANDS = ["broker", "invite", "allow", "revoke", "keygen", "node", "submit", "
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
-    sw = start_swarm(tmp_path_factory.mktemp("cli") / "home", NODES, slots=2)
-    try:
+    with start_swarm(tmp_path_factory.mktemp("cli") / "home", NODES, slots=2) as sw:
         yield sw
-    finally:
-        sw.close()
 
 
 @pytest.fixture(scope="module")

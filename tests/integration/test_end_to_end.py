@@ -21,11 +21,8 @@ NODES = ["node-a", "node-b"]
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
-    sw = start_swarm(tmp_path_factory.mktemp("e2e") / "home", NODES, slots=2)
-    try:
+    with start_swarm(tmp_path_factory.mktemp("e2e") / "home", NODES, slots=2) as sw:
         yield sw
-    finally:
-        sw.close()
 
 
 @pytest.fixture(scope="module")
