@@ -264,6 +264,9 @@ class Node(PeerLink):
         self._stop = threading.Event()
         self._started = False
         self._hb_thread: threading.Thread | None = None
+        #: tid -> (attempt, status, payload): results sent but not yet acknowledged
+        self._unacked: dict[bytes, tuple[int, int, bytes]] = {}
+        self._draining = False
         self.completed = 0
 
     # ------------------------------------------------------------------ skills
@@ -335,20 +338,67 @@ class Node(PeerLink):
         log.info("node %s serving %s with %d slots", self.name, ", ".join(sorted(self.skills)), self.slots)
         return self
 
-    def run(self, *, handle_signals: bool = True) -> None:
-        """Start, then block until SIGINT/SIGTERM or :meth:`stop`."""
+    def run(self, *, handle_signals: bool = True, grace: float = 30.0) -> None:
+        """Start, then block until SIGINT/SIGTERM or :meth:`stop`.
+
+        The first signal drains the node (see :meth:`drain`) within ``grace``
+        seconds; a second one stops it at once (running tasks are re-queued).
+        """
         self.start()
+        signals: list[int] = []
         if handle_signals and threading.current_thread() is threading.main_thread():
+
+            def on_signal(signum: int, _frame: object) -> None:
+                signals.append(signum)
+                if len(signals) > 1:
+                    self._stop.set()
+
             for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: self._stop.set())
+                signal.signal(sig, on_signal)
         try:
-            while not self._stop.wait(0.2):
+            while not self._stop.wait(0.1):
                 if self.closed:
+                    break
+                if signals:
+                    log.info("draining: no new tasks; finishing running ones within %g s", grace)
+                    self.drain(grace)
                     break
         finally:
             self.stop()
         if self._fatal is not None:
             raise self._fatal
+
+    def drain(self, grace: float = 30.0) -> bool:
+        """Take no new tasks, hand back queued ones, finish running ones, then return.
+
+        Returns True when everything finished and the broker acknowledged every
+        result within ``grace`` seconds; tasks still running after that are
+        re-queued elsewhere when the node stops.
+        """
+        try:
+            self.call_soon(self._begin_drain)
+        except ZlinkError:
+            return False
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and not self._stop.is_set() and not self.closed:
+            if not self._running and not self._unacked and not self._done:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def _begin_drain(self) -> None:
+        self._draining = True
+        if self.welcome is not None:
+            self.send(P.Drain(reason="draining"))
+        while True:  # hand back every task that has not started yet
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._jobs.put(None)
+                break
+            self._finish(job.item.tid, job.ctx.attempt, Outcome.RETURNED, P.pack_value("returned by a draining node"))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking tasks, leave the swarm and stop the threads."""
@@ -381,14 +431,17 @@ class Node(PeerLink):
             name=self.name, role="node", session=self.session,
             skills={n: s.wire() for n, s in self.skills.items()},
             slots=self.slots, prefetch=self.prefetch,
-            running=tuple((tid, c.attempt) for tid, c in self._running.items()),
+            running=tuple(
+                [(tid, c.attempt) for tid, c in self._running.items()]
+                + [(tid, r[0]) for tid, r in self._unacked.items() if tid not in self._running]
+            ),
             epoch=self.epoch, agent="zlink-node",
         )  # fmt: skip
 
     def setup(self, ctx: zmq.Context[Any]) -> None:
         self._hb_stop = threading.Event()
 
-    def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
+    def _start_heartbeats(self, welcome: P.Welcome) -> None:
         if welcome.heartbeat_port and self._hb_thread is None:
             endpoint = with_port(self.join.endpoints[0], welcome.heartbeat_port)
             self._hb_thread = threading.Thread(
@@ -405,11 +458,24 @@ class Node(PeerLink):
         t = type(msg)
         if t is P.Dispatch:
             for item, payload in zip(msg.tasks, frames, strict=True):  # type: ignore[attr-defined]
-                if item.tid in self._running:
-                    continue  # a duplicate dispatch of something we run already
-                ctx = TaskContext(item.tid, item.skill, item.attempt, item.timeout)
-                self._running[item.tid] = ctx
+                tid = item.tid
+                held = self._running.get(tid)
+                if held is not None:
+                    held.attempt = item.attempt  # the broker's current attempt: answer as that
+                    continue
+                done = self._unacked.get(tid)
+                if done is not None:  # finished while the broker was away: answer, do not re-run
+                    self._done.append((tid, item.attempt, done[1], done[2]))
+                    continue
+                ctx = TaskContext(tid, item.skill, item.attempt, item.timeout)
+                if self._draining:
+                    self._done.append((tid, item.attempt, Outcome.RETURNED, P.pack_value("node is draining")))
+                    continue
+                self._running[tid] = ctx
                 self._jobs.put(_Job(item, payload, ctx))
+        elif t is P.Ack:
+            for tid in msg.tids:  # type: ignore[attr-defined]
+                self._unacked.pop(tid, None)
         elif t is P.Cancel:
             for tid in msg.tids:  # type: ignore[attr-defined]
                 running = self._running.get(tid)
@@ -420,6 +486,14 @@ class Node(PeerLink):
 
     def on_poll(self) -> None:
         self._flush_results()
+
+    def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
+        self._start_heartbeats(welcome)
+        # results the broker never acknowledged (it may have restarted): send again
+        for tid, (attempt, status, payload) in list(self._unacked.items()):
+            self._done.append((tid, attempt, status, payload))
+        if self._draining:
+            self.send(P.Drain(reason="draining"))
 
     def on_close(self) -> None:
         self._flush_results()
@@ -438,7 +512,8 @@ class Node(PeerLink):
         size = 0
         while done:
             tid, attempt, status, payload = done.popleft()
-            if self._running.get(tid) is not None and self._running[tid].attempt == attempt:
+            held = self._running.get(tid)
+            if held is not None and held.attempt == attempt:
                 del self._running[tid]
             if len(payload) > limit:
                 status = Outcome.ERROR
@@ -455,6 +530,8 @@ class Node(PeerLink):
             items.append(P.ResultItem(tid, attempt, status))
             frames.append(payload)
             size += len(payload) + 40  # the item's share of the header
+            if status != Outcome.PARTIAL and status != Outcome.RETURNED:
+                self._unacked[tid] = (attempt, status, payload)  # until the broker ACKs it
         if items:
             self.send(P.Result(results=tuple(items)), frames)
 
@@ -472,10 +549,10 @@ class Node(PeerLink):
                 return
             item, ctx = job.item, job.ctx
             if ctx._cancelled:
-                self._finish(item.tid, item.attempt, Outcome.CANCELLED, P.pack_value("cancelled before it started"))
+                self._finish(item.tid, ctx.attempt, Outcome.CANCELLED, P.pack_value("cancelled before it started"))
                 continue
             status, payload = self._execute(job)
-            self._finish(item.tid, item.attempt, status, payload)
+            self._finish(item.tid, ctx.attempt, status, payload)
 
     def _execute(self, job: _Job) -> tuple[int, bytes]:
         item, ctx = job.item, job.ctx

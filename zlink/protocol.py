@@ -26,11 +26,13 @@ from .errors import LocalProtocolError, RemoteProtocolError
 __all__ = [
     "COMMANDS",
     "PROTOCOL_VERSION",
+    "Ack",
     "Beacon",
     "Bye",
     "Cancel",
     "Dispatch",
     "DispatchItem",
+    "Drain",
     "Error",
     "Heartbeat",
     "Hello",
@@ -71,8 +73,9 @@ class Outcome:
     CANCELLED: Final = 4  #: the task was cancelled
     REJECTED: Final = 5  #: the task was refused (bad skill name, quota, ...)
     PARTIAL: Final = 6  #: a partial result from a generator skill; more follow
+    RETURNED: Final = 7  #: a draining node hands back a task it did not start
 
-    ALL: Final = frozenset({0, 1, 2, 3, 4, 5, 6})
+    ALL: Final = frozenset({0, 1, 2, 3, 4, 5, 6, 7})
     FINAL: Final = frozenset({0, 1, 2, 3, 4, 5})
     NAMES: Final = {
         0: "ok",
@@ -82,6 +85,7 @@ class Outcome:
         4: "cancelled",
         5: "rejected",
         6: "partial",
+        7: "returned",
     }
 
 
@@ -502,10 +506,33 @@ class Bye(Message):
     SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("reason", _v_str(4096)),)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ack(Message):
+    """Broker to node: the broker holds these results now; the node may forget them."""
+
+    COMMAND: ClassVar[str] = "ACK"
+    tids: tuple[bytes, ...]
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("tids", _v_list(_v_id)),)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Drain(Message):
+    """Node to broker: send me nothing new; I finish or return what I hold, then leave."""
+
+    COMMAND: ClassVar[str] = "DRAIN"
+    reason: str = ""
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("reason", _v_str(4096)),)
+
+
 COMMANDS: Final[dict[str, type[Message]]] = {
     cls.COMMAND: cls
-    for cls in (Hello, Welcome, Submit, Dispatch, Result, Cancel, Heartbeat, Beacon, Status, StatusReply, Error, Bye)
-}
+    for cls in (
+        Hello, Welcome, Submit, Dispatch, Result, Cancel, Heartbeat, Beacon, Status, StatusReply, Error, Bye, Ack,
+        Drain,
+    )
+}  # fmt: skip
 
 _DEFAULTS: dict[type[Message], frozenset[str]] = {
     cls: frozenset(f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING)

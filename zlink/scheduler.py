@@ -131,6 +131,8 @@ class SchedulerConfig:
     heartbeat_port: int = 0
     #: most tasks one client may have queued or running at the broker
     max_tasks_per_client: int = 1_000_000
+    #: how long a restarted broker keeps a result whose client has not resubmitted yet
+    orphan_ttl: float = 60.0
 
     @property
     def node_timeout(self) -> float:
@@ -160,7 +162,7 @@ RATE_WINDOW: Final = 0.05
 
 class Node(Peer):
     __slots__ = (
-        "alive", "capacity", "done", "failed", "inflight", "joined", "max_prefetch",
+        "alive", "capacity", "done", "draining", "failed", "inflight", "joined", "max_prefetch",
         "rate", "rate_n", "rate_t", "skills", "slots",
     )  # fmt: skip
 
@@ -173,6 +175,7 @@ class Node(Peer):
         #: ...and the broker keeps about PREFETCH_HORIZON seconds of work there,
         #: at least ``slots`` (capped by max_prefetch): capacity = slots + that
         self.capacity = max(1, slots + min(prefetch, slots))
+        self.draining = False
         self.rate = 0.0  # completions per second (EWMA)
         self.rate_t = self.last_seen
         self.rate_n = 0
@@ -256,6 +259,12 @@ class Scheduler:
         #: session -> (route, key) of nodes declared dead, so a heartbeat from one
         #: that comes back can be answered with "hello-first" (bounded, oldest out)
         self.ghosts: dict[bytes, tuple[bytes, str]] = {}
+        #: tid -> (node, attempt): tasks a node says it runs (or finished) that no
+        #: client has (re)submitted to this broker yet, e.g. after a broker restart
+        self.adopted: dict[bytes, tuple[Node, int]] = {}
+        #: tid -> (status, payload, expiry): results of adopted tasks that arrived
+        #: before their client resubmitted them; delivered on resubmission
+        self.orphans: dict[bytes, tuple[int, Any, float]] = {}
         self.counters: dict[str, int] = {
             "submitted": 0, "dispatched": 0, "done": 0, "failed": 0, "requeued": 0,
             "lost": 0, "timed_out": 0, "cancelled": 0, "rejected": 0, "stale_results": 0,
@@ -266,6 +275,7 @@ class Scheduler:
         self._out: list[Send] = []
         self._dispatch: dict[Node, tuple[list[P.DispatchItem], list[Any]]] = {}
         self._results: dict[Client, tuple[list[P.ResultItem], list[Any]]] = {}
+        self._acks: dict[Node, list[bytes]] = {}
         self._now = now
         self._last_tick = now
 
@@ -330,6 +340,10 @@ class Scheduler:
                 self._error(ev.route, "forbidden", f"role {peer.identity.role!r} may not read status")
         elif t is P.Bye:
             self._drop_peer(peer, "bye")
+        elif t is P.Drain and type(peer) is Node:
+            peer.draining = True
+            peer.capacity = 0
+            self._dispatch.pop(peer, None)
         else:
             self._error(ev.route, "unexpected", f"{msg.COMMAND} is not valid from a {peer.hat}")
 
@@ -396,8 +410,43 @@ class Scheduler:
             )
         )  # fmt: skip
         if type(peer) is Node:
+            self._reconcile(peer, msg.running, known=same is not None)
             for skill in peer.skills:
                 self._pump(skill)
+
+    def _reconcile(self, node: Node, running: tuple[tuple[bytes, int], ...], *, known: bool) -> None:
+        """Take a node's own list of the tasks it holds (running or finished, unacked).
+
+        After a broker restart nothing is known yet: each becomes *adopted*, so a
+        client's resubmission attaches to the running attempt instead of starting
+        a second one. For a node that reconnects to this same broker, a task we
+        think it holds but it does not know went missing in transit: re-queue it.
+        """
+        held = dict(running)
+        if known:
+            missing = [tid for tid, att in node.inflight.items() if held.get(tid) != att]
+            lost: dict[bytes, int] = {tid: node.inflight.pop(tid) for tid in missing}
+            self._requeue_tasks(node, lost, died=False)
+        for tid, attempt in held.items():
+            if node.inflight.get(tid) == attempt:
+                continue
+            task = self.tasks.get(tid)
+            if task is not None and task.state == QUEUED and tid not in node.inflight:
+                # resubmitted before the node came back: attach it to the running attempt
+                task.state = RUNNING
+                task.node = node
+                task.attempt = attempt
+                task.tried.add(node.session)
+                node.inflight[tid] = attempt
+            elif task is None and tid not in node.inflight:
+                node.inflight[tid] = attempt
+                self.adopted[tid] = (node, attempt)
+            elif tid not in node.inflight:
+                # the task runs elsewhere now: the node's answer will be fenced off
+                node.inflight[tid] = attempt
+                entry = self.fence.setdefault(tid, [attempt, 0])
+                entry[0] = max(entry[0], attempt)
+                entry[1] += 1
 
     def _update_node(self, node: Node, msg: P.Hello) -> None:
         """A known node said HELLO again: take its current skills and slots."""
@@ -449,6 +498,12 @@ class Scheduler:
             if len(client.tasks) >= limit:
                 rejected.append(tid)
                 continue
+            if self.orphans and tid in self.orphans:
+                # finished on a node while we (a restarted broker) did not know it yet
+                status, result, _ = self.orphans.pop(tid)
+                self.counters["done" if status == Outcome.OK else "failed"] += 1
+                self._queue_result(client, P.ResultItem(tid, 0, status), result)
+                continue
             deadline = now + spec.timeout if spec.timeout is not None else math.inf
             task = Task(spec, client, payload, deadline)
             if self.fence and tid in self.fence:
@@ -456,6 +511,16 @@ class Scheduler:
             self.tasks[tid] = task
             client.tasks.add(tid)
             self.counters["submitted"] += 1
+            if self.adopted and tid in self.adopted:
+                node, attempt = self.adopted.pop(tid)
+                if node.alive and node.inflight.get(tid) == attempt:
+                    task.state = RUNNING
+                    task.node = node
+                    task.attempt = attempt
+                    task.tried.add(node.session)
+                    if spec.timeout is not None:
+                        heapq.heappush(self.deadlines, (deadline, tid))
+                    continue
             if spec.timeout is not None:
                 heapq.heappush(self.deadlines, (deadline, tid))
             q = self.queues.get(spec.skill)
@@ -475,9 +540,14 @@ class Scheduler:
             self._error(node.route, "frame-count", "one payload frame per result")
             return
         freed = False
+        acks = self._acks.get(node)
+        if acks is None:
+            acks = self._acks[node] = []
         for item, payload in zip(msg.results, frames, strict=True):
             tid = item.tid
             attempt = node.inflight.get(tid)
+            if item.status != Outcome.PARTIAL:
+                acks.append(tid)  # whatever becomes of it, the node may forget it now
             if attempt is None or attempt != item.attempt:
                 # not ours, or a superseded attempt: fence it off
                 self.counters["stale_results"] += 1
@@ -490,9 +560,17 @@ class Scheduler:
             del node.inflight[tid]
             freed = True
             task = self.tasks.get(tid)
+            if task is None and self.adopted.get(tid) == (node, attempt):
+                del self.adopted[tid]
+                if item.status != Outcome.RETURNED:
+                    self.orphans[tid] = (item.status, payload, self._now + self.config.orphan_ttl)
+                continue
             if task is None or task.node is not node or task.attempt != attempt:
                 self._fence_release(tid)  # the answer of a forgotten attempt
                 self.counters["stale_results"] += 1
+                continue
+            if item.status == Outcome.RETURNED:
+                self._requeue_tasks(node, {tid: attempt}, died=False)
                 continue
             self._forget(task)
             if item.status == Outcome.OK:
@@ -521,7 +599,8 @@ class Scheduler:
         node.rate = rate if node.rate == 0.0 else 0.5 * node.rate + 0.5 * rate
         node.rate_t, node.rate_n = now, finished
         want = max(node.slots, int(node.rate * PREFETCH_HORIZON))
-        node.capacity = max(1, node.slots + min(node.max_prefetch, want))
+        if not node.draining:
+            node.capacity = max(1, node.slots + min(node.max_prefetch, want))
 
     def _on_cancel(self, client: Client, tids: Iterable[bytes]) -> None:
         for tid in tids:
@@ -566,6 +645,9 @@ class Scheduler:
                 why = f"task timed out while queued: every node with skill {task.skill!r} was busy"
             self._cancel_task(task)
             self._deliver_status(task.client, tid, task.attempt, Outcome.TIMEOUT, why)
+        if self.orphans:
+            for tid in [t for t, (_, _, exp) in self.orphans.items() if exp <= now]:
+                del self.orphans[tid]
         horizon = now - self.config.node_timeout
         dead = [n for n in self.nodes.values() if n.last_seen < horizon]
         for node in dead:  # all of them first, so none gets the others' tasks
@@ -733,11 +815,18 @@ class Scheduler:
         Only a death counts against ``max_attempts``; a node that leaves on
         purpose (BYE) hands its tasks back for free.
         """
+        self._requeue_tasks(node, node.inflight, died=died)
+        node.inflight.clear()
+
+    def _requeue_tasks(self, node: Node, held: dict[bytes, int], *, died: bool) -> None:
         back: dict[str, list[Task]] = {}
-        for tid, attempt in node.inflight.items():
+        for tid, attempt in held.items():
             task = self.tasks.get(tid)
             if task is None or task.node is not node or task.attempt != attempt:
-                self._fence_release(tid)
+                if self.adopted.get(tid) == (node, attempt):
+                    del self.adopted[tid]
+                else:
+                    self._fence_release(tid)
                 continue
             task.node = None
             if died:
@@ -753,7 +842,6 @@ class Scheduler:
             task.state = QUEUED
             self.counters["requeued"] += 1
             back.setdefault(task.skill, []).append(task)
-        node.inflight.clear()
         for skill, tasks in back.items():
             q = self.queues.setdefault(skill, deque())
             q.extendleft(reversed(tasks))
@@ -767,6 +855,11 @@ class Scheduler:
             for node, (items, frames) in self._dispatch.items():
                 out.append(Send(node.route, P.Dispatch(tasks=tuple(items)), frames))
             self._dispatch = {}
+        if self._acks:
+            for node, tids in self._acks.items():
+                if tids and node.alive:
+                    out.append(Send(node.route, P.Ack(tids=tuple(tids))))
+            self._acks = {}
         if self._results:
             for client, (results, rframes) in self._results.items():
                 out.append(Send(client.route, P.Result(results=tuple(results)), rframes))

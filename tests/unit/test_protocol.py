@@ -109,6 +109,8 @@ STRATEGIES: dict[str, st.SearchStrategy[P.Message]] = {
     "STATUS_REPLY": st.builds(P.StatusReply, status=st.dictionaries(st.text(max_size=10), msgpack_values, max_size=5)),
     "ERROR": st.builds(P.Error, code=text(64), message=text(4096), tids=batch(ids)),
     "BYE": st.builds(P.Bye, reason=text(4096)),
+    "ACK": st.builds(P.Ack, tids=batch(ids)),
+    "DRAIN": st.builds(P.Drain, reason=text(4096)),
 }
 
 any_message = st.sampled_from(sorted(STRATEGIES)).flatmap(lambda c: STRATEGIES[c])
@@ -127,6 +129,8 @@ MINIMAL: dict[str, P.Message] = {
     "STATUS_REPLY": P.StatusReply(status={"a": 1}),
     "ERROR": P.Error(code="oops"),
     "BYE": P.Bye(),
+    "ACK": P.Ack(tids=(b"t1",)),
+    "DRAIN": P.Drain(),
 }
 
 REQUIRED: dict[str, set[str]] = {
@@ -142,6 +146,8 @@ REQUIRED: dict[str, set[str]] = {
     "STATUS_REPLY": {"status"},
     "ERROR": {"code"},
     "BYE": set(),
+    "ACK": {"tids"},
+    "DRAIN": set(),
 }
 
 #: values no validator in the protocol accepts, whatever the field
@@ -221,7 +227,9 @@ def test_payload_counts() -> None:
     assert MINIMAL["SUBMIT"].payload_count() == 2
     assert MINIMAL["DISPATCH"].payload_count() == 1
     assert MINIMAL["RESULT"].payload_count() == 2
-    for command in ("HELLO", "WELCOME", "CANCEL", "HEARTBEAT", "BEACON", "STATUS", "STATUS_REPLY", "ERROR", "BYE"):
+    for command in (
+        "HELLO", "WELCOME", "CANCEL", "HEARTBEAT", "BEACON", "STATUS", "STATUS_REPLY", "ERROR", "BYE", "ACK", "DRAIN",
+    ):  # fmt: skip
         assert MINIMAL[command].payload_count() == 0
 
 

@@ -577,7 +577,7 @@ def test_results_follow_a_client_that_reconnects() -> None:
 def test_node_reconnect_keeps_its_tasks() -> None:
     sim = setup()
     _, (tid,), _ = sim.submit(b"c1")
-    out = sim.node(b"n1-again", key="key-n1", session=b"session-n1")
+    out = sim.node(b"n1-again", key="key-n1", session=b"session-n1", running=((tid, 1),))
     assert out.dispatched(b"n1-again") == []
     assert b"n1" not in sim.s.peers
     out = sim.result(b"n1-again", tid, 1)
@@ -1524,3 +1524,91 @@ SchedulerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestSchedulerMachine = SchedulerMachine.TestCase
+
+
+# --------------------------------------------------------------------------- restarts, acks and draining
+
+
+def acks(out: Out, route: bytes) -> list[bytes]:
+    return [tid for m in out.to(route) if type(m) is P.Ack for tid in m.tids]
+
+
+def test_every_final_result_is_acknowledged_even_a_stale_one() -> None:
+    sim = setup()
+    _, (tid,), _ = sim.submit(b"c1")
+    out = sim.result(b"n1", tid, 1)
+    assert acks(out, b"n1") == [tid]
+    out = sim.result(b"n1", tid, 1)  # a duplicate: discarded, but the node may forget it
+    assert acks(out, b"n1") == [tid] and out.results(b"c1") == []
+
+
+def test_node_reconnect_without_a_task_requeues_it_without_a_death() -> None:
+    sim = setup()
+    _, (tid,), _ = sim.submit(b"c1", max_attempts=1)
+    out = sim.node(b"n1-again", key="key-n1", session=b"session-n1", running=())
+    # the DISPATCH was lost in transit: the task goes out again, and it is no death
+    assert [(i.tid, i.attempt) for i, _ in out.dispatched(b"n1-again")] == [(tid, 2)]
+    assert sim.s.counters["lost"] == 0
+
+
+def test_restarted_broker_adopts_a_running_task_when_its_client_resubmits() -> None:
+    sim = Sim()
+    sim.node(b"n1", running=((b"T", 2),))  # the node kept running T through the restart
+    assert sim.s.adopted[b"T"][1] == 2
+    sim.client(b"c1")
+    out, _, _ = sim.submit(b"c1", tids=[b"T"])
+    assert out.dispatched(b"n1") == [], "the running attempt is adopted, not started twice"
+    out = sim.result(b"n1", b"T", 2, frame=Payload("answer"))
+    assert [(i.tid, i.status) for i, _ in out.results(b"c1")] == [(b"T", Outcome.OK)]
+    assert sim.s.adopted == {} and sim.s.tasks == {}
+
+
+def test_result_that_arrives_before_the_resubmission_waits_as_an_orphan() -> None:
+    sim = Sim()
+    sim.node(b"n1", running=((b"T", 1),))
+    answer = Payload("answer")
+    out = sim.result(b"n1", b"T", 1, frame=answer)
+    assert acks(out, b"n1") == [b"T"]  # the broker holds it now
+    assert b"T" in sim.s.orphans
+    sim.client(b"c1")
+    out, _, _ = sim.submit(b"c1", tids=[b"T"])
+    assert out.dispatched(b"n1") == []
+    ((item, frame),) = out.results(b"c1")
+    assert item.status == Outcome.OK and frame is answer
+    assert sim.s.orphans == {} and sim.s.tasks == {}
+
+
+def test_orphans_expire() -> None:
+    cfg = SchedulerConfig(heartbeat_interval=100.0, orphan_ttl=5.0)
+    sim = Sim(cfg)
+    sim.node(b"n1", running=((b"T", 1),))
+    sim.result(b"n1", b"T", 1, now=1.0)
+    sim.tick(5.9)
+    assert b"T" in sim.s.orphans
+    sim.tick(6.1)
+    assert sim.s.orphans == {}
+
+
+def test_resubmission_before_the_node_returns_is_attached_when_it_does() -> None:
+    sim = Sim()
+    sim.client(b"c1")
+    sim.submit(b"c1", tids=[b"T"])  # no node yet: queued
+    out = sim.node(b"n1", running=((b"T", 4),))
+    assert out.dispatched(b"n1") == [], "the node already runs it"
+    out = sim.result(b"n1", b"T", 4)
+    assert [(i.tid, i.attempt) for i, _ in out.results(b"c1")] == [(b"T", 4)]
+
+
+def test_drain_stops_dispatch_and_returned_tasks_are_requeued_for_free() -> None:
+    sim = setup(nodes={b"a": {"slots": 2}})
+    _, (t1, t2), _ = sim.submit(b"c1", 2, max_attempts=1)
+    sim.send(b"a", P.Drain())
+    sim.node(b"b", slots=2)
+    out, (t3,), _ = sim.submit(b"c1")
+    assert out.dispatched(b"a") == [] and [i.tid for i, _ in out.dispatched(b"b")] == [t3]
+    out = sim.result(b"a", t2, 1, Outcome.RETURNED)
+    assert [(i.tid, i.attempt) for i, _ in out.dispatched(b"b")] == [(t2, 2)]
+    assert acks(out, b"a") == [t2] and out.results(b"c1") == []
+    assert sim.s.counters["lost"] == 0
+    out = sim.result(b"a", t1, 1)
+    assert [i.tid for i, _ in out.results(b"c1")] == [t1]
