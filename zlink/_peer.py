@@ -130,6 +130,8 @@ class PeerLink(ABC):
         self._fatal: ZlinkError | None = None
         self._last_beacon = 0.0
         self._hello_sent = 0.0
+        self._hello_backoff = 1.0
+        self._beacon_endpoint = ""
         self.dropped_sends = 0
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._thread = threading.Thread(target=self._run, name=f"zlink-{self.hat}-io", daemon=True)
@@ -250,7 +252,6 @@ class PeerLink(ABC):
         tune_reconnect(beacon)
         beacon.setsockopt(zmq.SUBSCRIBE, b"")
         self._beacon_sock = beacon
-        self._beacon_connected = False
         self.setup(ctx)
         for ep in self.join.endpoints[:1]:
             sock.connect(ep)
@@ -339,9 +340,21 @@ class PeerLink(ABC):
         self.on_fatal(exc)
 
     def _check_link(self, now: float) -> None:
-        # re-send HELLO if a WELCOME is overdue (lost on a reconnect, or broker restart)
-        if self.welcome is None and now - self._hello_sent > max(1.0, self.heartbeat_interval * 2):
+        silent = now - self._last_beacon
+        if self.welcome is not None and silent > self.heartbeat_interval * (self.liveness + 1):
+            # no beacon for longer than the broker's own liveness rule: presume it
+            # gone (restarting, or cut off); keep every unresolved task and say
+            # HELLO until a broker answers (DEALER reconnects by itself, with backoff)
+            log.warning("no beacon from the broker for %.1f s: presuming it gone, re-registering", silent)
+            self.welcome = None
+            self.on_broker_lost()
+        # re-send HELLO while a WELCOME is overdue, backing off to every few seconds
+        if self.welcome is None and now - self._hello_sent > self._hello_backoff:
+            self._hello_backoff = min(5.0, self._hello_backoff * 1.5) * random.uniform(0.9, 1.1)
             self._send_hello()
+
+    def on_broker_lost(self) -> None:
+        """The broker went silent (I/O thread); state is kept for when it returns."""
 
     def _drain_beacon(self, beacon: zmq.Socket[Any]) -> None:
         while True:
@@ -361,6 +374,7 @@ class PeerLink(ABC):
                     self._send_hello()
 
     def _dispatch(self, frames: list[zmq.Frame]) -> None:
+        self._last_beacon = time.monotonic()  # any message shows the broker is alive
         try:
             msg = P.decode(frames[0].buffer, len(frames) - 1)
         except RemoteProtocolError as exc:
@@ -387,7 +401,6 @@ class PeerLink(ABC):
 
     def _on_welcome(self, msg: P.Welcome) -> None:
         new_epoch = self.epoch is not None and msg.epoch != self.epoch
-        first = self.epoch is None
         self.epoch = msg.epoch
         self.welcome = msg
         self.name = msg.name
@@ -395,9 +408,17 @@ class PeerLink(ABC):
         self.heartbeat_interval = msg.heartbeat_interval
         self.liveness = msg.liveness
         self._last_beacon = time.monotonic()
-        if first and msg.beacon_port and not self._beacon_connected:
-            self._beacon_sock.connect(with_port(self.join.endpoints[0], msg.beacon_port))
-            self._beacon_connected = True
+        self._hello_backoff = max(1.0, self.heartbeat_interval * 2)
+        if msg.beacon_port:
+            endpoint = with_port(self.join.endpoints[0], msg.beacon_port)
+            if endpoint != self._beacon_endpoint:  # first WELCOME, or a restarted broker on new ports
+                if self._beacon_endpoint:
+                    try:
+                        self._beacon_sock.disconnect(self._beacon_endpoint)
+                    except zmq.ZMQError:
+                        pass
+                self._beacon_sock.connect(endpoint)
+                self._beacon_endpoint = endpoint
         self.on_welcome(msg, new_epoch)
         self._ready.set()
 

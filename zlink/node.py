@@ -264,6 +264,7 @@ class Node(PeerLink):
         self._stop = threading.Event()
         self._started = False
         self._hb_thread: threading.Thread | None = None
+        self._hb_endpoint = ""
         #: tid -> (attempt, status, payload): results sent but not yet acknowledged
         self._unacked: dict[bytes, tuple[int, int, bytes]] = {}
         self._draining = False
@@ -442,11 +443,11 @@ class Node(PeerLink):
         self._hb_stop = threading.Event()
 
     def _start_heartbeats(self, welcome: P.Welcome) -> None:
-        if welcome.heartbeat_port and self._hb_thread is None:
-            endpoint = with_port(self.join.endpoints[0], welcome.heartbeat_port)
-            self._hb_thread = threading.Thread(
-                target=self._heartbeat_loop, args=(endpoint,), name="zlink-heartbeat", daemon=True
-            )
+        if not welcome.heartbeat_port:
+            return
+        self._hb_endpoint = with_port(self.join.endpoints[0], welcome.heartbeat_port)
+        if self._hb_thread is None:
+            self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="zlink-heartbeat", daemon=True)
             self._hb_thread.start()
 
     def teardown(self) -> None:
@@ -603,15 +604,21 @@ class Node(PeerLink):
 
     # ------------------------------------------------------------------ heartbeats
 
-    def _heartbeat_loop(self, endpoint: str) -> None:
+    def _heartbeat_loop(self) -> None:
         """Own thread, own socket: keeps beating while task code holds the CPU."""
         pub = self._ctx.socket(zmq.PUB)
+        connected = ""
         try:
             curve_client(pub, self.join)
             tune_reconnect(pub)
             pub.setsockopt(zmq.SNDHWM, 10)
-            pub.connect(endpoint)
             while not self._hb_stop.wait(self.heartbeat_interval):
+                endpoint = self._hb_endpoint
+                if endpoint != connected:  # first beat, or a restarted broker on new ports
+                    if connected:
+                        pub.disconnect(connected)
+                    pub.connect(endpoint)
+                    connected = endpoint
                 running = tuple((tid, c.attempt) for tid, c in list(self._running.items()))
                 hb = P.Heartbeat(
                     session=self.session, epoch=self.epoch,

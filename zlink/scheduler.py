@@ -323,7 +323,11 @@ class Scheduler:
         peer = self.peers.get(ev.route)
         if peer is None:
             # unknown connection (new route after a reconnect, or a broker restart)
-            self._error(ev.route, "hello-first", "send HELLO first (unknown connection or new broker epoch)")
+            # not an error of the peer's: it reconnected, or this broker restarted
+            self.errors["hello-first"] = self.errors.get("hello-first", 0) + 1
+            self._out.append(
+                Send(ev.route, P.Error(code="hello-first", message="send HELLO first (new connection or broker epoch)"))
+            )
             return
         peer.last_seen = self._now
         t = type(msg)
