@@ -117,8 +117,11 @@ class PeerLink(ABC):
         self.epoch: bytes | None = None
         self.welcome: P.Welcome | None = None
         self.max_message_size = 16 * 1024 * 1024
+        #: seconds between this node's heartbeats (never slower than the broker asks)
         self.heartbeat_interval = heartbeat_interval or 0.5
+        #: missed broker beacons before this peer presumes the broker gone
         self.liveness = liveness or 3
+        self.beacon_interval = 0.5
         self._want_interval = heartbeat_interval
         self._want_liveness = liveness
         self._calls: deque[Callable[[], None]] = deque()
@@ -341,7 +344,7 @@ class PeerLink(ABC):
 
     def _check_link(self, now: float) -> None:
         silent = now - self._last_beacon
-        if self.welcome is not None and silent > self.heartbeat_interval * (self.liveness + 1):
+        if self.welcome is not None and silent > self.beacon_interval * (self.liveness + 1):
             # no beacon for longer than the broker's own liveness rule: presume it
             # gone (restarting, or cut off); keep every unresolved task and say
             # HELLO until a broker answers (DEALER reconnects by itself, with backoff)
@@ -405,8 +408,11 @@ class PeerLink(ABC):
         self.welcome = msg
         self.name = msg.name
         self.max_message_size = msg.max_message_size
-        self.heartbeat_interval = msg.heartbeat_interval
-        self.liveness = msg.liveness
+        # the broker's interval is authoritative for declaring nodes dead: beat at
+        # least that often (faster if asked); our own liveness judges the broker
+        self.beacon_interval = msg.heartbeat_interval
+        self.heartbeat_interval = min(msg.heartbeat_interval, self._want_interval or math.inf)
+        self.liveness = self._want_liveness or msg.liveness
         self._last_beacon = time.monotonic()
         self._hello_backoff = max(1.0, self.heartbeat_interval * 2)
         if msg.beacon_port:

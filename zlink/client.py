@@ -122,7 +122,10 @@ class Client(PeerLink):
             assert list(client.map("square", range(1000))) == [x * x for x in range(1000)]
 
     The constructor connects and raises :class:`~zlink.ConnectError` or
-    :class:`~zlink.AuthenticationError` when it cannot.
+    :class:`~zlink.AuthenticationError` when it cannot. ``liveness`` is how many
+    broker beacons may be missed before the client presumes the broker gone and
+    re-registers (its unresolved tasks are kept and resubmitted, never failed
+    before their own timeout).
     """
 
     hat = "client"

@@ -229,6 +229,12 @@ class Node(PeerLink):
         node = zlink.Node(join=None, slots=4)   # join=None reads $ZLINK_JOIN
         node.add_skills(my_module)              # every @zlink.skill function in it
         node.run()                              # until SIGINT/SIGTERM or node.stop()
+
+    ``prefetch`` caps how many tasks may wait at the node beyond its slots (the
+    broker adapts the actual depth to the task rate). ``heartbeat_interval``
+    makes the node beat faster than the broker requires (never slower);
+    ``liveness`` is how many broker beacons it may miss before it presumes the
+    broker gone and re-registers, keeping its running tasks and results.
     """
 
     hat = "node"
