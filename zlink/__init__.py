@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from .broker import Broker
-from .client import AsyncClient, Client, TaskFuture
+from .client import AsyncClient, Client, Executor, TaskFuture
 from .errors import (
     AuthenticationError,
     ClosedError,
@@ -45,6 +45,7 @@ __all__ = [
     "ClosedError",
     "ConfigError",
     "ConnectError",
+    "Executor",
     "Join",
     "KeyPair",
     "LocalProtocolError",

@@ -17,13 +17,14 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, Final
 
 import zmq
 
 from . import protocol as P
 from ._peer import PeerLink
+from ._progress import Progress
 from .errors import (
     ClosedError,
     RejectedError,
@@ -37,7 +38,7 @@ from .errors import (
 from .protocol import Outcome
 from .security import Join
 
-__all__ = ["AsyncClient", "Client", "TaskFuture"]
+__all__ = ["AsyncClient", "Client", "Executor", "TaskFuture"]
 
 log = logging.getLogger("zlink.client")
 
@@ -196,25 +197,66 @@ class Client(PeerLink):
         skill: str,
         iterable: Iterable[Any],
         *,
+        ordered: bool = True,
+        window: int = 1000,
         timeout: float | None = None,
         max_attempts: int = 3,
-        window: int = 1000,
-        ordered: bool = True,
+        progress: bool = False,
     ) -> Iterator[Any]:
-        """Run ``skill(item)`` for every item; yield results in input order.
+        """Run ``skill(item)`` for every item; yield results as they arrive.
 
-        At most ``window`` tasks are in flight; the iterable is consumed lazily.
-        With ``ordered=False`` results come in completion order. The first
-        failed task raises its error; leaving the loop early cancels the rest.
+        In input order by default (a slow item holds back only the items after
+        it), or in completion order with ``ordered=False``. At most ``window``
+        tasks are in flight and the iterable is consumed lazily, so a generator
+        of a million items runs in flat memory. The first failed task raises its
+        error; leaving the loop early cancels the tasks still in flight.
+        ``progress=True`` draws a progress bar on stderr.
         """
         if window < 1:
             raise ValueError("window must be at least 1")
-        return self._map(skill, iter(iterable), timeout, max_attempts, window, ordered)
+        total = len(iterable) if progress and hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
+        bar = Progress(total, label=f"{skill} tasks") if progress else None
+        calls = ((item,) for item in iterable)
+        return self._map(skill, calls, timeout, max_attempts, window, ordered, bar)
+
+    def map_reduce(
+        self,
+        skill: str,
+        items: Iterable[Any],
+        reduce_skill: str,
+        *,
+        ordered: bool = True,
+        window: int = 1000,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        progress: bool = False,
+    ) -> Any:
+        """Fan ``skill`` out over ``items``, then run ``reduce_skill(results)`` once.
+
+        The reduce task receives the list of all results (in input order unless
+        ``ordered=False``), e.g. a verifier that checks and merges them; its
+        result is returned. ``timeout`` applies to each task, the reduce included.
+        """
+        results = list(
+            self.map(
+                skill, items, ordered=ordered, window=window, timeout=timeout,
+                max_attempts=max_attempts, progress=progress,
+            )
+        )  # fmt: skip
+        return self.submit(reduce_skill, results, timeout=timeout, max_attempts=max_attempts).result()
 
     def _map(
-        self, skill: str, it: Iterator[Any], timeout: float | None, max_attempts: int, window: int, ordered: bool
+        self,
+        skill: str,
+        it: Iterator[tuple[Any, ...]],
+        timeout: float | None,
+        max_attempts: int,
+        window: int,
+        ordered: bool,
+        bar: Progress | None,
     ) -> Iterator[Any]:
         inflight: deque[TaskFuture] = deque()
+        unordered: set[TaskFuture] = set()
         done_q: deque[TaskFuture] = deque()
         ready = threading.Condition()
 
@@ -226,17 +268,19 @@ class Client(PeerLink):
         def refill() -> None:
             while len(inflight) < window:
                 try:
-                    item = next(it)
+                    args = next(it)
                 except StopIteration:
                     return
-                fut = self.submit(skill, item, timeout=timeout, max_attempts=max_attempts)
-                if not ordered:
+                fut = self.submit(skill, *args, timeout=timeout, max_attempts=max_attempts)
+                if ordered:
+                    inflight.append(fut)
+                else:
+                    unordered.add(fut)
                     fut.add_done_callback(on_done)
-                inflight.append(fut)
 
         try:
             refill()
-            while inflight:
+            while inflight or unordered:
                 if ordered:
                     fut = inflight.popleft()
                     value = fut.result()
@@ -245,13 +289,17 @@ class Client(PeerLink):
                         while not done_q:
                             ready.wait()
                         fut = done_q.popleft()
-                    inflight.remove(fut)
+                    unordered.discard(fut)
                     value = fut.result()
+                if bar is not None:
+                    bar.advance()
                 refill()
                 yield value
         finally:
-            for f in inflight:
+            for f in (*inflight, *unordered):
                 f.cancel()
+            if bar is not None:
+                bar.close()
 
     def as_completed(self, futures: Iterable[cf.Future[Any]], timeout: float | None = None) -> Iterator[cf.Future[Any]]:
         """:func:`concurrent.futures.as_completed` over task futures."""
@@ -526,3 +574,99 @@ class AsyncClient:
     async def status(self, timeout: float = 10.0) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, lambda: self.client.status(timeout))
+
+
+def _skill_name(fn: Callable[..., Any] | str) -> str:
+    if isinstance(fn, str):
+        return fn
+    spec = getattr(fn, "__zlink_skill__", None)
+    name = getattr(spec, "name", None)
+    if not isinstance(name, str):
+        raise TypeError(
+            f"{getattr(fn, '__qualname__', fn)!r} is not a zlink skill: decorate it with @zlink.skill() "
+            "(it runs on a node under its skill name) or pass the skill's name"
+        )
+    return name
+
+
+class Executor(cf.Executor):
+    """A :class:`concurrent.futures.Executor` whose workers are the swarm's nodes.
+
+    ::
+
+        # with ProcessPoolExecutor() as pool:      # before
+        with zlink.Executor() as pool:              # after: the same code, on the swarm
+            futures = [pool.submit(square, x) for x in range(100)]
+            print(list(pool.map(square, range(100))))
+
+    ``fn`` is a function decorated with ``@zlink.skill`` (it runs on a node under
+    its skill name; the nodes must serve it) or a skill name.
+    """
+
+    def __init__(self, join: str | Join | None = None, *, window: int = 1000, **client_options: Any) -> None:
+        self._client = Client(join, **client_options)
+        self._window = window
+        self._futures: set[cf.Future[Any]] = set()
+        self._lock = threading.Lock()
+        self._shutdown = False
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            fut = self._client.submit(_skill_name(fn), *args, **kwargs)
+            self._futures.add(fut)
+        fut.add_done_callback(self._forget)
+        return fut
+
+    def _forget(self, fut: cf.Future[Any]) -> None:
+        with self._lock:
+            self._futures.discard(fut)
+
+    def map(
+        self,
+        fn: Callable[..., Any] | str,
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """Like :meth:`concurrent.futures.Executor.map`: results in order, lazily windowed.
+
+        ``timeout`` counts from this call, as in the standard library; on expiry
+        the iterator raises ``TimeoutError``. ``chunksize`` is accepted for
+        compatibility (the client already batches).
+        """
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        skill = _skill_name(fn)
+        end = None if timeout is None else time.monotonic() + timeout
+        results = self._client._map(skill, zip(*iterables, strict=False), None, 3, self._window, True, None)
+
+        def gen() -> Iterator[Any]:
+            if end is None:
+                yield from results
+                return
+            try:
+                for value in results:
+                    if time.monotonic() > end:
+                        raise cf.TimeoutError()
+                    yield value
+            finally:
+                results.close()  # type: ignore[attr-defined]
+
+        return gen()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            pending = list(self._futures)
+        if cancel_futures:
+            for f in pending:
+                f.cancel()
+        if wait:
+            cf.wait(pending)
+        self._client.close()

@@ -17,58 +17,17 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
+from ._progress import Progress
 from .client import Client, TaskFuture
 from .errors import ConnectError
 from .security import BrokerHome
 
-__all__ = ["LocalSwarm", "Progress", "run_demo"]
-
-
-class Progress:
-    """A small progress bar on stderr (one line, redrawn at most 10 times a second)."""
-
-    def __init__(self, total: int, label: str = "tasks", stream: TextIO | None = None) -> None:
-        self.total = max(1, total)
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.done = 0
-        self.start = time.monotonic()
-        self._last = 0.0
-        self._lock = threading.Lock()
-        self._tty = self.stream.isatty()
-
-    def advance(self, n: int = 1) -> None:
-        with self._lock:
-            self.done += n
-            now = time.monotonic()
-            if self._tty and (now - self._last > 0.1 or self.done >= self.total):
-                self._last = now
-                self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        width = 30
-        frac = min(1.0, self.done / self.total)
-        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        elapsed = now - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        self.stream.write(f"\r[{bar}] {self.done:,}/{self.total:,} {self.label}  {elapsed:5.1f} s  {rate:,.0f}/s ")
-        self.stream.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._tty:
-                self._draw(time.monotonic())
-                self.stream.write("\n")
-            else:
-                elapsed = time.monotonic() - self.start
-                self.stream.write(f"{self.done:,}/{self.total:,} {self.label} in {elapsed:.1f} s\n")
-            self.stream.flush()
+__all__ = ["LocalSwarm", "run_demo"]
 
 
 class LocalSwarm:

@@ -11,7 +11,7 @@ from zlink import errors, scheduler
 ROOT = Path(__file__).resolve().parents[2]
 
 PUBLIC = {
-    "AsyncClient", "AuthenticationError", "Broker", "Client", "ClosedError", "ConfigError",
+    "AsyncClient", "AuthenticationError", "Broker", "Client", "ClosedError", "ConfigError", "Executor",
     "ConnectError", "Join", "KeyPair", "LocalProtocolError", "Node", "ProtocolError",
     "RejectedError", "RemoteError", "RemoteProtocolError", "SkillSpec", "TaskCancelled",
     "TaskContext", "TaskError", "TaskFuture", "TaskLost", "TaskTimeout", "ZlinkError",
