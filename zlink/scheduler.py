@@ -201,6 +201,8 @@ class Task:
         "client",
         "deadline",
         "deaths",
+        "gated",
+        "holds",
         "max_attempts",
         "node",
         "payload",
@@ -226,6 +228,8 @@ class Task:
         self.reads = spec.reads
         self.writes = spec.writes
         self.tried: set[bytes] = set()
+        self.gated = False  # waiting for its read/write keys
+        self.holds = False  # holds its read/write keys
 
 
 # --------------------------------------------------------------------------- the machine
@@ -276,6 +280,11 @@ class Scheduler:
         self._dispatch: dict[Node, tuple[list[P.DispatchItem], list[Any]]] = {}
         self._results: dict[Client, tuple[list[P.ResultItem], list[Any]]] = {}
         self._acks: dict[Node, list[bytes]] = {}
+        #: read/write keys: key -> [running readers, running writers (0/1)]
+        self.key_holders: dict[str, list[int]] = {}
+        #: key -> tasks waiting for it, in submission order
+        self.key_waiting: dict[str, deque[Task]] = {}
+        self._rescan: set[str] = set()
         self._now = now
         self._last_tick = now
 
@@ -293,6 +302,8 @@ class Scheduler:
             self._on_gone(event.route)
         elif type(event) is Revoked:
             self._on_revoked(event.key)
+        if self._rescan:
+            self._release_waiting()
         return self._flush()
 
     def count_error(self, code: str) -> None:
@@ -522,11 +533,17 @@ class Scheduler:
                     task.node = node
                     task.attempt = attempt
                     task.tried.add(node.session)
+                    if spec.reads or spec.writes:
+                        self._take_keys(task)  # it runs already: it holds its keys
                     if spec.timeout is not None:
                         heapq.heappush(self.deadlines, (deadline, tid))
                     continue
             if spec.timeout is not None:
                 heapq.heappush(self.deadlines, (deadline, tid))
+            if spec.reads or spec.writes:
+                self._gate(task)
+                if task.gated:
+                    continue
             q = self.queues.get(spec.skill)
             if q is None:
                 q = self.queues[spec.skill] = deque()
@@ -750,6 +767,93 @@ class Scheduler:
         task.client.tasks.discard(task.tid)
         task.state = "gone"
         task.payload = None
+        if task.holds or task.gated:
+            self._drop_keys(task)
+
+    # ------------------------------------------------------------------ read/write keys
+    #
+    # A task with keys waits at a gate until it may hold them: writers of a key
+    # exclude everyone, readers only writers. Tasks waiting for a key queue in
+    # submission order and a task may not pass a waiting task it conflicts with,
+    # so conflicting tasks start in submission order and a writer never starves
+    # behind a stream of readers. Tasks without keys never meet the gate.
+
+    def _keys(self, task: Task) -> set[str]:
+        return set(task.reads) | set(task.writes)
+
+    def _gate(self, task: Task) -> None:
+        task.gated = True
+        for key in self._keys(task):
+            self.key_waiting.setdefault(key, deque()).append(task)
+        if self._may_hold(task):
+            self._take_keys(task)
+
+    def _may_hold(self, task: Task) -> bool:
+        for key in self._keys(task):
+            writes = key in task.writes
+            held = self.key_holders.get(key)
+            if held is not None and (held[1] or (writes and held[0])):
+                return False
+            for other in self.key_waiting.get(key, ()):
+                if other is task:
+                    break
+                if writes or key in other.writes:
+                    return False  # an earlier task it conflicts with waits for this key
+        return True
+
+    def _take_keys(self, task: Task) -> None:
+        for key in self._keys(task):
+            held = self.key_holders.setdefault(key, [0, 0])
+            held[1 if key in task.writes else 0] += 1
+            waiting = self.key_waiting.get(key)
+            if waiting is not None and task.gated:
+                try:
+                    waiting.remove(task)
+                except ValueError:
+                    pass
+                if not waiting:
+                    del self.key_waiting[key]
+        task.gated = False
+        task.holds = True
+
+    def _drop_keys(self, task: Task) -> None:
+        for key in self._keys(task):
+            if task.holds:
+                held = self.key_holders.get(key)
+                if held is not None:
+                    held[1 if key in task.writes else 0] -= 1
+                    if held[0] <= 0 and held[1] <= 0:
+                        del self.key_holders[key]
+            elif task.gated:
+                waiting = self.key_waiting.get(key)
+                if waiting is not None:
+                    try:
+                        waiting.remove(task)
+                    except ValueError:
+                        pass
+                    if not waiting:
+                        del self.key_waiting[key]
+            self._rescan.add(key)
+        task.holds = task.gated = False
+
+    def _release_waiting(self) -> None:
+        """Keys were freed: let waiting tasks through, in submission order per key."""
+        keys, self._rescan = self._rescan, set()
+        seen: set[bytes] = set()
+        touched: set[str] = set()
+        for key in keys:
+            for task in list(self.key_waiting.get(key, ())):
+                if task.tid in seen or not task.gated or self.tasks.get(task.tid) is not task:
+                    continue
+                seen.add(task.tid)
+                if self._may_hold(task):
+                    self._take_keys(task)
+                    self.queues.setdefault(task.skill, deque()).append(task)
+                    touched.add(task.skill)
+        for skill in touched:
+            self._pump(skill)
+        if self._rescan:  # pumping finished nothing synchronously, but stay safe
+            self._release_waiting()
 
     def _cancel_task(self, task: Task) -> None:
         """Forget a task; tell its node to stop (the slot frees when it answers)."""

@@ -1612,3 +1612,80 @@ def test_drain_stops_dispatch_and_returned_tasks_are_requeued_for_free() -> None
     assert sim.s.counters["lost"] == 0
     out = sim.result(b"a", t1, 1)
     assert [i.tid for i, _ in out.results(b"c1")] == [t1]
+
+
+# --------------------------------------------------------------------------- read/write keys
+
+
+def submit_keyed(sim: Sim, tid: bytes, reads: tuple[str, ...] = (), writes: tuple[str, ...] = (), **kw: Any) -> Out:
+    spec = P.TaskSpec(tid, "echo", kw.get("timeout"), 3, reads, writes)
+    return sim.send(b"c1", P.Submit(tasks=(spec,)), [Payload(tid.decode())])
+
+
+def started(out: Out) -> list[bytes]:
+    return [i.tid for s in out if type(s.msg) is P.Dispatch for i in s.msg.tasks]
+
+
+def keyed_sim() -> Sim:
+    return setup(nodes={b"n1": {"slots": 8, "prefetch": 0}})
+
+
+def test_writers_of_a_key_never_overlap_and_start_in_order() -> None:
+    sim = keyed_sim()
+    assert started(submit_keyed(sim, b"w1", writes=("k",))) == [b"w1"]
+    assert started(submit_keyed(sim, b"w2", writes=("k",))) == []
+    assert started(submit_keyed(sim, b"w3", writes=("k",))) == []
+    assert started(sim.result(b"n1", b"w1", 1)) == [b"w2"]
+    assert started(sim.result(b"n1", b"w2", 1)) == [b"w3"]
+
+
+def test_readers_run_together_and_exclude_writers() -> None:
+    sim = keyed_sim()
+    assert started(submit_keyed(sim, b"r1", reads=("k",))) == [b"r1"]
+    assert started(submit_keyed(sim, b"r2", reads=("k",))) == [b"r2"]
+    assert started(submit_keyed(sim, b"w", writes=("k",))) == []
+    # a reader arriving after a waiting writer waits behind it (no writer starvation)
+    assert started(submit_keyed(sim, b"r3", reads=("k",))) == []
+    assert started(sim.result(b"n1", b"r1", 1)) == []
+    assert started(sim.result(b"n1", b"r2", 1)) == [b"w"]
+    assert started(sim.result(b"n1", b"w", 1)) == [b"r3"]
+
+
+def test_unrelated_tasks_are_not_held_back() -> None:
+    sim = keyed_sim()
+    submit_keyed(sim, b"w1", writes=("k",))
+    assert started(submit_keyed(sim, b"w2", writes=("k",))) == []
+    assert started(submit_keyed(sim, b"other", writes=("j",))) == [b"other"]
+    out, (free,), _ = sim.submit(b"c1")
+    assert started(out) == [free]
+
+
+def test_cancelled_or_timed_out_holders_release_their_keys() -> None:
+    sim = keyed_sim()
+    submit_keyed(sim, b"w1", writes=("k",), timeout=1.0)
+    submit_keyed(sim, b"w2", writes=("k",))
+    submit_keyed(sim, b"w3", writes=("k",))
+    assert started(sim.cancel(b"c1", b"w2")) == []  # a waiting task leaves the line
+    sim.beat(b"n1", now=1.0)
+    assert started(sim.tick(1.0)) == [b"w3"]  # w1 timed out: its key is free
+    assert sim.s.key_waiting == {}
+
+
+def test_a_task_needing_two_keys_waits_for_both() -> None:
+    sim = keyed_sim()
+    submit_keyed(sim, b"a", writes=("x",))
+    submit_keyed(sim, b"b", writes=("y",))
+    assert started(submit_keyed(sim, b"ab", reads=("x",), writes=("y",))) == []
+    assert started(sim.result(b"n1", b"a", 1)) == []
+    assert started(sim.result(b"n1", b"b", 1)) == [b"ab"]
+    sim.result(b"n1", b"ab", 1)
+    assert sim.s.key_holders == {} and sim.s.key_waiting == {}
+
+
+def test_a_requeued_task_keeps_its_keys() -> None:
+    sim = setup(nodes={b"a": {"slots": 1, "prefetch": 0}, b"b": {"slots": 1, "prefetch": 0}})
+    submit_keyed(sim, b"w1", writes=("k",))
+    submit_keyed(sim, b"w2", writes=("k",))
+    sim.beat(b"b", now=NODE_TIMEOUT + 0.5)
+    out = sim.tick(NODE_TIMEOUT + 0.5)  # the node running w1 died: w1 runs again before w2
+    assert [i.tid for s in out if type(s.msg) is P.Dispatch for i in s.msg.tasks] == [b"w1"]
