@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from .broker import Broker
-from .client import AsyncClient, Client, Executor, TaskFuture
+from .client import AsyncClient, Client, Executor, TaskFuture, TaskStream
 from .errors import (
     AuthenticationError,
     ClosedError,
@@ -60,6 +60,7 @@ __all__ = [
     "TaskError",
     "TaskFuture",
     "TaskLost",
+    "TaskStream",
     "TaskTimeout",
     "ZlinkError",
     "__version__",

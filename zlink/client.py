@@ -14,6 +14,7 @@ import heapq
 import itertools
 import logging
 import math
+import queue
 import threading
 import time
 from collections import deque
@@ -38,7 +39,7 @@ from .errors import (
 from .protocol import Outcome
 from .security import Join
 
-__all__ = ["AsyncClient", "Client", "Executor", "TaskFuture"]
+__all__ = ["AsyncClient", "Client", "Executor", "TaskFuture", "TaskStream"]
 
 log = logging.getLogger("zlink.client")
 
@@ -53,6 +54,8 @@ class TaskFuture(cf.Future[Any]):
         self._client = client
         self.tid = tid
         self.skill = skill
+        #: called on the client's I/O thread with each partial result (streams)
+        self._on_partial: Callable[[Any], None] | None = None
 
     @property
     def task_id(self) -> str:
@@ -67,6 +70,46 @@ class TaskFuture(cf.Future[Any]):
 
     def __repr__(self) -> str:
         return f"<TaskFuture {self.skill} {self.task_id} {self._state.lower()}>"
+
+
+_END: Final = object()
+
+
+class TaskStream:
+    """The partial results of a generator skill, in order, as they arrive.
+
+    Iterate over it (blocking); :meth:`result` is the skill's return value.
+    """
+
+    future: TaskFuture
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def _put(self, value: Any) -> None:
+        self._q.put((value,))
+
+    def _end(self, _fut: cf.Future[Any]) -> None:
+        self._q.put(_END)
+
+    def __iter__(self) -> TaskStream:
+        return self
+
+    def __next__(self) -> Any:
+        item = self._q.get()
+        if item is _END:
+            self._q.put(_END)  # iterating again ends at once
+            if not self.future.cancelled() and self.future.exception() is not None:
+                raise self.future.exception()  # type: ignore[misc]
+            raise StopIteration
+        return item[0]
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The skill's return value (waits for the end of the task)."""
+        return self.future.result(timeout)
+
+    def cancel(self) -> bool:
+        return self.future.cancel()
 
 
 class _Pending:
@@ -167,8 +210,50 @@ class Client(PeerLink):
         """Run ``skill(*args, **kwargs)`` on a node; returns a future for its result.
 
         Raises ``TypeError`` at once when an argument is not a msgpack value.
-        ``timeout`` (seconds) bounds the whole task, queueing included.
+        ``timeout`` (seconds) bounds the whole task, queueing included. Tasks
+        whose ``writes`` keys overlap another's ``reads`` or ``writes`` never run
+        at the same time, and start in submission order.
         """
+        return self._submit(skill, args, kwargs, timeout, max_attempts, reads, writes, None)
+
+    def stream(
+        self,
+        skill: str,
+        /,
+        *args: Any,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        reads: Iterable[str] = (),
+        writes: Iterable[str] = (),
+        **kwargs: Any,
+    ) -> TaskStream:
+        """Run a generator skill and iterate over the values it yields as they arrive.
+
+        ::
+
+            s = client.stream("summarize_chapters", book)
+            for partial in s:          # each value the skill yields, while it runs
+                print(partial)
+            final = s.result()         # the skill's return value
+
+        Iteration ends when the task does; it raises the task's error if it failed.
+        """
+        stream = TaskStream()
+        stream.future = self._submit(skill, args, kwargs, timeout, max_attempts, reads, writes, stream._put)
+        stream.future.add_done_callback(stream._end)
+        return stream
+
+    def _submit(
+        self,
+        skill: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        max_attempts: int,
+        reads: Iterable[str],
+        writes: Iterable[str],
+        on_partial: Callable[[Any], None] | None,
+    ) -> TaskFuture:
         if self.closed:
             raise ClosedError("this client is closed")
         if not isinstance(skill, str) or not skill or len(skill) > P.MAX_NAME:
@@ -187,6 +272,7 @@ class Client(PeerLink):
         tid = self.session + next(self._counter).to_bytes(8, "big")
         spec = P.TaskSpec(tid, skill, timeout, max_attempts, tuple(reads), tuple(writes))
         fut = TaskFuture(self, tid, skill)
+        fut._on_partial = on_partial
         deadline = time.monotonic() + timeout if timeout is not None else math.inf
         self._outgoing.append(_Pending(spec, payload, fut, deadline))
         self._waker.wake()
@@ -404,7 +490,13 @@ class Client(PeerLink):
             pending = self._pending
             for item, frame in zip(msg.results, frames, strict=True):  # type: ignore[attr-defined]
                 if item.status == Outcome.PARTIAL:
-                    continue  # streaming partial results arrive with issue #4's stream()
+                    pend = pending.get(item.tid)
+                    if pend is not None and pend.future._on_partial is not None:
+                        try:
+                            pend.future._on_partial(P.unpack_value(frame.buffer))
+                        except RemoteProtocolError as exc:
+                            log.warning("dropped an unreadable partial result of %s: %s", item.tid.hex(), exc)
+                    continue
                 pend = pending.pop(item.tid, None)
                 if pend is None:
                     continue  # a duplicate (resubmission raced a result): first one won
@@ -570,6 +662,46 @@ class AsyncClient:
         finally:
             for tf in futs.values():
                 tf.cancel()
+
+    async def stream(
+        self,
+        skill: str,
+        /,
+        *args: Any,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        reads: Iterable[str] = (),
+        writes: Iterable[str] = (),
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        """Async generator over a generator skill's partial results (see :meth:`Client.stream`).
+
+        It ends when the task does and raises the task's error if it failed.
+        """
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Any] = asyncio.Queue()
+
+        def put(value: Any) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, (value,))
+
+        fut = self.client._submit(skill, args, kwargs, timeout, max_attempts, reads, writes, put)
+        fut.add_done_callback(lambda _f: loop.call_soon_threadsafe(q.put_nowait, _END))
+        try:
+            while True:
+                item = await q.get()
+                if item is _END:
+                    break
+                yield item[0]
+            if not fut.cancelled() and fut.exception() is not None:
+                raise fut.exception()  # type: ignore[misc]
+        finally:
+            if not fut.done():
+                fut.cancel()
+
+    async def map_reduce(self, skill: str, items: Iterable[Any], reduce_skill: str, **options: Any) -> Any:
+        """Async :meth:`Client.map_reduce`."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: self.client.map_reduce(skill, items, reduce_skill, **options))
 
     async def status(self, timeout: float = 10.0) -> dict[str, Any]:
         loop = asyncio.get_running_loop()

@@ -54,6 +54,9 @@ class SkillSpec:
     name: str
     fn: Callable[..., Any]
     is_async: bool
+    #: True for generator (and async generator) functions: each yielded value is
+    #: streamed to the client as a partial result, the return value is the result
+    is_generator: bool = False
     description: str = ""
     tags: tuple[str, ...] = ()
     examples: tuple[str, ...] = ()
@@ -81,7 +84,8 @@ def _make_spec(fn: Callable[..., Any], name: str | None, **meta: Any) -> SkillSp
     return SkillSpec(
         name=skill_name,
         fn=fn,
-        is_async=inspect.iscoroutinefunction(fn),
+        is_async=inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn),
+        is_generator=inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn),
         description=description,
         tags=tuple(meta.pop("tags", ()) or ()),
         examples=tuple(meta.pop("examples", ()) or ()),
@@ -169,9 +173,10 @@ def load_skills_module(target: str) -> types.ModuleType:
 class TaskContext:
     """What a running skill can learn about its task: ``zlink.current_task()``."""
 
-    __slots__ = ("_cancelled", "_future", "attempt", "deadline", "id", "skill")
+    __slots__ = ("_cancelled", "_future", "_tid", "attempt", "deadline", "id", "skill")
 
     def __init__(self, tid: bytes, skill_name: str, attempt: int, timeout: float | None) -> None:
+        self._tid = tid
         self.id = tid.hex()
         self.skill = skill_name
         self.attempt = attempt
@@ -520,7 +525,7 @@ class Node(PeerLink):
         while done:
             tid, attempt, status, payload = done.popleft()
             held = self._running.get(tid)
-            if held is not None and held.attempt == attempt:
+            if held is not None and held.attempt == attempt and status != Outcome.PARTIAL:
                 del self._running[tid]
             if len(payload) > limit:
                 status = Outcome.ERROR
@@ -583,6 +588,8 @@ class Node(PeerLink):
                 token = _current.set(ctx)
                 try:
                     result = spec.fn(*args, **kwargs)
+                    if spec.is_generator:
+                        result = self._drive(result, ctx)
                 finally:
                     _current.reset(token)
             if ctx._cancelled:
@@ -595,11 +602,31 @@ class Node(PeerLink):
                 return Outcome.ERROR, _error_payload(RuntimeError(f"skill raised {type(exc).__name__}"), self.name)
             return Outcome.ERROR, _error_payload(exc, self.name)
 
+    def _drive(self, gen: Any, ctx: TaskContext) -> Any:
+        """Run a generator skill: stream every yielded value; its return value is the result."""
+        try:
+            while True:
+                if ctx._cancelled:
+                    gen.close()
+                    return None
+                self._partial(ctx, next(gen))
+        except StopIteration as stop:
+            return stop.value
+
+    def _partial(self, ctx: TaskContext, value: Any) -> None:
+        payload = P.pack_value(value)  # TypeError here fails the task, as for a result
+        self._done.append((ctx._tid, ctx.attempt, Outcome.PARTIAL, payload))
+        self._waker.wake()
+
     def _run_async(self, spec: SkillSpec, ctx: TaskContext, args: list[Any], kwargs: dict[str, Any]) -> Any:
         assert self._loop is not None
 
         async def runner() -> Any:
             _current.set(ctx)
+            if spec.is_generator:
+                async for value in spec.fn(*args, **kwargs):
+                    self._partial(ctx, value)
+                return None
             return await spec.fn(*args, **kwargs)
 
         fut = asyncio.run_coroutine_threadsafe(runner(), self._loop)

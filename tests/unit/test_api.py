@@ -14,7 +14,7 @@ PUBLIC = {
     "AsyncClient", "AuthenticationError", "Broker", "Client", "ClosedError", "ConfigError", "Executor",
     "ConnectError", "Join", "KeyPair", "LocalProtocolError", "Node", "ProtocolError",
     "RejectedError", "RemoteError", "RemoteProtocolError", "SkillSpec", "TaskCancelled",
-    "TaskContext", "TaskError", "TaskFuture", "TaskLost", "TaskTimeout", "ZlinkError",
+    "TaskContext", "TaskError", "TaskFuture", "TaskLost", "TaskStream", "TaskTimeout", "ZlinkError",
     "__version__", "current_task", "skill",
 }  # fmt: skip
 
