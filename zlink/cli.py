@@ -99,6 +99,10 @@ def main() -> None:
 @click.option("--liveness", type=int, default=3, show_default=True, help="Missed beats before a node is dead.")
 @click.option("--max-message-size", type=int, default=16 * 1024 * 1024, show_default=True, help="Bytes.")
 @click.option(
+    "--max-tasks-per-client", type=int, default=1_000_000, show_default=True,
+    help="Unresolved tasks one client may hold; a client at the bound waits (backpressure).",
+)  # fmt: skip
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @click.option("--quiet", is_flag=True, help="Do not print the start-up banner.")
@@ -108,6 +112,7 @@ def broker(
     heartbeat_interval: float,
     liveness: int,
     max_message_size: int,
+    max_tasks_per_client: int,
     log_level: str,
     quiet: bool,
 ) -> None:
@@ -119,7 +124,7 @@ def broker(
     def make() -> Broker:
         return Broker(
             bind=bind, home=home, heartbeat_interval=heartbeat_interval,
-            liveness=liveness, max_message_size=max_message_size,
+            liveness=liveness, max_message_size=max_message_size, max_tasks_per_client=max_tasks_per_client,
         )  # fmt: skip
 
     import signal

@@ -192,6 +192,10 @@ class Client(PeerLink):
         self._pending: dict[bytes, _Pending] = {}
         self._deadlines: list[tuple[float, bytes]] = []
         self._status_waiters: deque[cf.Future[dict[str, Any]]] = deque()
+        #: backpressure: unresolved tasks, bounded by the broker's per-client limit
+        self.max_tasks = 0
+        self._unresolved = 0
+        self._room = threading.Condition()
         self._connect()
 
     # ------------------------------------------------------------------ public API
@@ -273,10 +277,42 @@ class Client(PeerLink):
         spec = P.TaskSpec(tid, skill, timeout, max_attempts, tuple(reads), tuple(writes))
         fut = TaskFuture(self, tid, skill)
         fut._on_partial = on_partial
+        if self.max_tasks:
+            self.wait_room()
+            with self._room:
+                self._unresolved += 1
+            fut.add_done_callback(self._free_room)
         deadline = time.monotonic() + timeout if timeout is not None else math.inf
         self._outgoing.append(_Pending(spec, payload, fut, deadline))
         self._waker.wake()
         return fut
+
+    def has_room(self) -> bool:
+        """False while this client holds as many unresolved tasks as the broker allows."""
+        return not self.max_tasks or self._unresolved < self.max_tasks
+
+    def wait_room(self, timeout: float | None = None) -> bool:
+        """Block until another task may be submitted (backpressure); False on timeout.
+
+        ``submit`` calls this itself: a client at the broker's bound
+        (``max_tasks``, from the broker's ``--max-tasks-per-client``) waits for
+        results instead of growing without limit; nothing is dropped.
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._room:
+            while self.max_tasks and self._unresolved >= self.max_tasks and not self.closed:
+                left = 0.5 if end is None else min(0.5, end - time.monotonic())
+                if left <= 0:
+                    return False
+                self._room.wait(left)
+        if self.closed:
+            raise ClosedError("this client is closed")
+        return True
+
+    def _free_room(self, _fut: cf.Future[Any]) -> None:
+        with self._room:
+            self._unresolved -= 1
+            self._room.notify()
 
     def map(
         self,
@@ -439,6 +475,7 @@ class Client(PeerLink):
         return P.Hello(name=self.name, role="client", session=self.session, epoch=self.epoch, agent="zlink-client")
 
     def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
+        self.max_tasks = welcome.max_tasks
         if self._pending:
             # after a reconnect or a broker restart: the broker drops duplicates
             self._send_tasks(list(self._pending.values()))
@@ -612,8 +649,14 @@ class AsyncClient:
         writes: Iterable[str] = (),
         **kwargs: Any,
     ) -> Any:
-        """Run a task and return its result (cancelling the await cancels the task)."""
-        fut = self.client.submit(
+        """Run a task and return its result (cancelling the await cancels the task).
+
+        At the broker's per-client bound it waits (without blocking the loop).
+        """
+        client = self.client
+        if not client.has_room():
+            await asyncio.get_running_loop().run_in_executor(None, client.wait_room)
+        fut = client.submit(
             skill, *args, timeout=timeout, max_attempts=max_attempts, reads=reads, writes=writes, **kwargs
         )
         return await asyncio.wrap_future(fut)

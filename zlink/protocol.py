@@ -365,6 +365,8 @@ class Welcome(Message):
     beacon_port: int = 0
     heartbeat_port: int = 0
     time: float = 0.0
+    #: most unresolved tasks the broker keeps for one client (0: no bound)
+    max_tasks: int = 0
 
     SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
         ("epoch", _v_id),
@@ -376,6 +378,7 @@ class Welcome(Message):
         ("beacon_port", _v_int(0, 65535)),
         ("heartbeat_port", _v_int(0, 65535)),
         ("time", _v_float(0.0, 1e12)),
+        ("max_tasks", _v_int(0, 2**40)),
     )
 
 

@@ -421,6 +421,7 @@ class Scheduler:
                     heartbeat_interval=cfg.heartbeat_interval, liveness=cfg.liveness,
                     max_message_size=cfg.max_message_size, beacon_port=cfg.beacon_port,
                     heartbeat_port=cfg.heartbeat_port, time=max(0.0, self._now),
+                    max_tasks=cfg.max_tasks_per_client,
                 ),
             )
         )  # fmt: skip
