@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 import zmq
@@ -324,6 +324,7 @@ class Client(PeerLink):
         timeout: float | None = None,
         max_attempts: int = 3,
         progress: bool = False,
+        unpack: bool = False,
     ) -> Iterator[Any]:
         """Run ``skill(item)`` for every item; yield results as they arrive.
 
@@ -332,18 +333,19 @@ class Client(PeerLink):
         tasks are in flight and the iterable is consumed lazily, so a generator
         of a million items runs in flat memory. The first failed task raises its
         error; leaving the loop early cancels the tasks still in flight.
-        ``progress=True`` draws a progress bar on stderr.
+        ``progress=True`` draws a progress bar on stderr; ``unpack=True`` calls
+        ``skill(*item)`` (like :func:`itertools.starmap`).
         """
         if window < 1:
             raise ValueError("window must be at least 1")
         total = len(iterable) if progress and hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
         bar = Progress(total, label=f"{skill} tasks") if progress else None
-        calls = ((item,) for item in iterable)
-        return self._map(skill, calls, timeout, max_attempts, window, ordered, bar)
+        calls = ((skill, tuple(item) if unpack else (item,)) for item in iterable)
+        return self._map(calls, timeout, max_attempts, window, ordered, bar)
 
     def map_reduce(
         self,
-        skill: str,
+        skill: str | Sequence[str],
         items: Iterable[Any],
         reduce_skill: str,
         *,
@@ -352,25 +354,30 @@ class Client(PeerLink):
         timeout: float | None = None,
         max_attempts: int = 3,
         progress: bool = False,
+        unpack: bool = False,
     ) -> Any:
-        """Fan ``skill`` out over ``items``, then run ``reduce_skill(results)`` once.
+        """Fan out over ``items``, then run ``reduce_skill(results)`` once and return its result.
 
-        The reduce task receives the list of all results (in input order unless
-        ``ordered=False``), e.g. a verifier that checks and merges them; its
-        result is returned. ``timeout`` applies to each task, the reduce included.
+        ``skill`` may name several skills: each item then goes to every one of
+        them (the demo runs ``["inspect", "scan", "docs"]`` on every file). The
+        reduce task receives the list of all results (in input order, skills in
+        the given order per item, unless ``ordered=False``), e.g. a verifier
+        that checks and merges them. ``timeout`` applies to each task.
         """
-        results = list(
-            self.map(
-                skill, items, ordered=ordered, window=window, timeout=timeout,
-                max_attempts=max_attempts, progress=progress,
-            )
-        )  # fmt: skip
+        skills = [skill] if isinstance(skill, str) else list(skill)
+        if not skills:
+            raise ValueError("map_reduce needs at least one skill")
+        total = None
+        if progress and hasattr(items, "__len__"):
+            total = len(items) * len(skills)  # type: ignore[arg-type]
+        bar = Progress(total, label="tasks") if progress else None
+        calls = ((s, tuple(item) if unpack else (item,)) for item in items for s in skills)
+        results = list(self._map(calls, timeout, max_attempts, window, ordered, bar))
         return self.submit(reduce_skill, results, timeout=timeout, max_attempts=max_attempts).result()
 
     def _map(
         self,
-        skill: str,
-        it: Iterator[tuple[Any, ...]],
+        calls: Iterator[tuple[str, tuple[Any, ...]]],
         timeout: float | None,
         max_attempts: int,
         window: int,
@@ -390,7 +397,7 @@ class Client(PeerLink):
         def refill() -> None:
             while len(inflight) < window:
                 try:
-                    args = next(it)
+                    skill, args = next(calls)
                 except StopIteration:
                     return
                 fut = self.submit(skill, *args, timeout=timeout, max_attempts=max_attempts)
@@ -819,7 +826,8 @@ class Executor(cf.Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         skill = _skill_name(fn)
         end = None if timeout is None else time.monotonic() + timeout
-        results = self._client._map(skill, zip(*iterables, strict=False), None, 3, self._window, True, None)
+        calls = ((skill, args) for args in zip(*iterables, strict=False))
+        results = self._client._map(calls, None, 3, self._window, True, None)
 
         def gen() -> Iterator[Any]:
             if end is None:
