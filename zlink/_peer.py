@@ -50,6 +50,16 @@ def tune_reconnect(sock: zmq.Socket[Any]) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL, random.randint(80, 250))
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, random.randint(2000, 4000))
     sock.setsockopt(zmq.LINGER, 0)
+    connection_heartbeats(sock)
+
+
+def connection_heartbeats(sock: zmq.Socket[Any]) -> None:
+    """ZMTP heartbeats: a TCP connection that went silent (cut link, dead host) is
+    dropped and re-established after a few seconds instead of waiting for the
+    kernel's retransmission backoff, which can take minutes."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, 6000)
 
 
 def with_port(endpoint: str, port: int) -> str:

@@ -645,13 +645,18 @@ class Node(PeerLink):
             curve_client(pub, self.join)
             tune_reconnect(pub)
             pub.setsockopt(zmq.SNDHWM, 10)
-            while not self._hb_stop.wait(self.heartbeat_interval):
+            wait = 0.0
+            while not self._hb_stop.wait(wait):
+                wait = self.heartbeat_interval
                 endpoint = self._hb_endpoint
                 if endpoint != connected:  # first beat, or a restarted broker on new ports
                     if connected:
                         pub.disconnect(connected)
                     pub.connect(endpoint)
                     connected = endpoint
+                    # a PUB drops what it sends before the broker's subscription
+                    # arrives (after the CurveZMQ handshake): beat again soon
+                    wait = min(0.05, self.heartbeat_interval)
                 running = tuple((tid, c.attempt) for tid, c in list(self._running.items()))
                 hb = P.Heartbeat(
                     session=self.session, epoch=self.epoch,

@@ -388,8 +388,9 @@ class Scheduler:
             self._error(route, "forbidden", "session id belongs to another key")
             return
         name = self._unique_name(msg.name or identity.name, msg.session)
+        moved = same is not None and same.route != route
         if same is not None:
-            # known session on a new connection: move it, keep its state
+            # known session (maybe on a new connection): move it, keep its state
             self.peers.pop(same.route, None)
             same.route = route
             same.last_seen = self._now
@@ -426,7 +427,10 @@ class Scheduler:
             )
         )  # fmt: skip
         if type(peer) is Node:
-            self._reconcile(peer, msg.running, known=same is not None)
+            # on the same connection, tasks missing from the HELLO are still on
+            # their way to the node (a HELLO can be old, e.g. resent during an
+            # outage); only a new connection can have lost them
+            self._reconcile(peer, msg.running, known=moved)
             for skill in peer.skills:
                 self._pump(skill)
 

@@ -1689,3 +1689,14 @@ def test_a_requeued_task_keeps_its_keys() -> None:
     sim.beat(b"b", now=NODE_TIMEOUT + 0.5)
     out = sim.tick(NODE_TIMEOUT + 0.5)  # the node running w1 died: w1 runs again before w2
     assert [i.tid for s in out if type(s.msg) is P.Dispatch for i in s.msg.tasks] == [b"w1"]
+
+
+def test_an_old_hello_on_the_same_connection_does_not_requeue() -> None:
+    # HELLOs resent during an outage can arrive late, after DISPATCHes sent on the same
+    # connection: those tasks are still on their way to the node, not lost
+    sim = setup()
+    _, (tid,), _ = sim.submit(b"c1")
+    out = sim.node(b"n1", key="key-n1", session=b"session-n1", running=())
+    assert out.dispatched(b"n1") == []
+    assert sim.inflight(b"n1") == {tid: 1}
+    assert sim.s.counters["requeued"] == 0
