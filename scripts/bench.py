@@ -7,8 +7,15 @@ W worker processes (raw DEALER echo workers, or ``zlink node`` processes running
 the floor: routing ids only, round-robin to workers, no heartbeats, no
 bookkeeping. The ratio column says how far zlink is from that floor.
 
+Two figures are zlink's alone, each on a swarm of its own started after the
+compared systems stopped, with absolute targets: failure detection (``kill -9``
+of a node running a long task to that task's re-dispatch, 20 times) and a
+broker's CPU and memory with 200 idle nodes (simulated cheaply in a few helper
+processes, each node with its own key and connections).
+
     python scripts/bench.py --quick               # smoke test, well under a minute
-    python scripts/bench.py                       # 10,000 tasks, 2,000 round trips
+    python scripts/bench.py                       # 10,000 tasks, 2,000 round trips, 20 kills, 10 s idle
+    python scripts/bench.py --only failure_detection,idle_broker
     python scripts/bench.py --repeat 3 --json /tmp/bench.json --markdown /tmp/bench.md
 
 Each measurement is one function returning a dict; the printed table is built
@@ -487,6 +494,479 @@ class ZlinkSwarm:
 System = RawRelay | ZlinkSwarm
 
 
+# =========================================================================== zlink alone: failure detection
+
+FAILOVER_SKILLS = HERE / "bench_failover_skills.py"
+FD_NODES = 3  # nodes in the failure-detection swarm: all but one run a long task, one is free to take it over
+HOLD_S = 3600.0  # how long a held task would run if nobody cancelled it
+HEARTBEAT_S = 0.5  # zlink's default heartbeat interval (the broker runs with its defaults)
+POLL_S = 0.02  # how often the failure-detection loop reads the start log and asks the broker for its status
+
+
+class StartLog:
+    """Reads ``start <tag> <pid> <monotonic>`` lines as the ``hold`` skill appends them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def read(self) -> list[tuple[str, int, float]]:
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read()
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()  # an incomplete last line waits for its end
+        out = []
+        for line in lines:
+            parts = line.decode("ascii", "replace").split()
+            if len(parts) == 4 and parts[0] == "start":
+                out.append((parts[1], int(parts[2]), float(parts[3])))
+        return out
+
+
+def measure_failure_detection(cfg: Settings) -> dict[str, Any]:
+    """Seconds from ``kill -9`` of a node to its running task starting again on another node.
+
+    A ``zlink broker`` with default heartbeat settings and :data:`FD_NODES`
+    ``zlink node`` processes (1 slot, no prefetch) serving
+    ``scripts/bench_failover_skills.py``; all but one node run a long ``hold``
+    task. Each round SIGKILLs the node running one of the tasks (after a random
+    pause, so the kill falls anywhere in its heartbeat cycle), then reads the
+    log the skill appends to for the next start of that task on another pid:
+    both times are CLOCK_MONOTONIC, shared by every process, so the figure is
+    the kill-to-re-dispatch time to well under a millisecond. The status
+    figure is when ``client.status()``, asked every 20 ms, first no longer
+    lists the node (an upper bound within 20 ms plus one status round trip).
+    A replacement node is started after each round and the next kill waits
+    until it has joined.
+    """
+    import random
+    import shutil
+    import tempfile
+
+    from zlink import Client
+    from zlink.demo import LocalSwarm
+
+    busy = FD_NODES - 1
+    tmp = Path(tempfile.mkdtemp(prefix="zlink-bench-fd-"))
+    log_path = tmp / "starts.log"
+    log_path.write_bytes(b"")
+    swarm = LocalSwarm()
+    client: Any = None
+    nodes: dict[int, tuple[str, subprocess.Popen[bytes]]] = {}  # pid -> (name, process) of live node processes
+    made = 0
+    rng = random.Random()
+
+    def add_node() -> None:
+        nonlocal made
+        made += 1
+        name = f"fd-node-{made}"
+        proc = swarm.start_node(str(FAILOVER_SKILLS), slots=1, prefetch=0, name=name)
+        nodes[proc.pid] = (name, proc)
+
+    def wait_listed(count: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(client.status(timeout=5.0)["nodes"]) == count:
+                return
+            for name, proc in nodes.values():
+                if proc.poll() is not None:
+                    raise BenchError(f"failure detection: node {name} exited (code {proc.returncode})")
+            time.sleep(0.05)
+        raise BenchError(f"failure detection: the broker did not list {count} nodes within {timeout:g} s")
+
+    try:
+        swarm.start_broker(timeout=20.0)
+        for _ in range(FD_NODES):
+            add_node()
+        client = Client(swarm.invite("client", "bench-fd-client"), connect_timeout=20.0)
+        wait_listed(FD_NODES)
+        futures = [client.submit("hold", f"task-{i}", HOLD_S, str(log_path), max_attempts=100) for i in range(busy)]
+        tail = StartLog(log_path)
+        running: dict[str, int] = {}  # task tag -> pid of the node running it
+        deadline = time.monotonic() + 20.0
+        while len(running) < busy:
+            for tag, pid, _ in tail.read():
+                running[tag] = pid
+            if time.monotonic() > deadline:
+                raise BenchError("failure detection: the long tasks did not start within 20 s")
+            time.sleep(POLL_S)
+        redispatch: list[float] = []
+        declared: list[float] = []
+        for k in range(cfg.kills):
+            tag = f"task-{k % busy}"
+            pid = running[tag]
+            name, proc = nodes.pop(pid)
+            time.sleep(rng.uniform(0.0, HEARTBEAT_S))  # a random phase against the victim's heartbeats
+            t_kill = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            t_start: float | None = None
+            t_gone: float | None = None
+            limit = t_kill + STALL_S
+            while t_start is None or t_gone is None:
+                for seen_tag, seen_pid, t in tail.read():
+                    running[seen_tag] = seen_pid
+                    if seen_tag == tag and seen_pid != pid and t_start is None:
+                        t_start = t
+                if t_gone is None and all(n["name"] != name for n in client.status(timeout=5.0)["nodes"]):
+                    t_gone = time.monotonic()
+                if time.monotonic() > limit:
+                    raise BenchError(
+                        f"failure detection: {tag} was not re-dispatched within {STALL_S:g} s of killing {name}"
+                    )
+                time.sleep(POLL_S)
+            proc.wait(5.0)
+            redispatch.append(t_start - t_kill)
+            declared.append(t_gone - t_kill)
+            add_node()
+            wait_listed(FD_NODES)
+        for fut in futures:
+            fut.cancel()
+    finally:
+        try:
+            if client is not None:
+                client.close()  # BYE: the broker cancels the held tasks, so the nodes stop at once
+        finally:
+            swarm.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+    r = sorted(redispatch)
+    d = sorted(declared)
+    return {
+        "median_s": statistics.median(r),
+        "p90_s": percentile(r, 90),
+        "max_s": r[-1],
+        "min_s": r[0],
+        "status_median_s": statistics.median(d),
+        "status_max_s": d[-1],
+        "kills": len(r),
+        "samples_s": [round(x, 6) for x in r],
+    }
+
+
+# =========================================================================== zlink alone: a broker with idle nodes
+
+
+SETTLE_S = 2.0  # idle broker: every node listed and no death for this long before the CPU is measured
+
+
+def proc_rss_kib(pid: int) -> float:
+    """Resident set size of a live process in KiB, from /proc (NaN if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return float(line.split()[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return math.nan
+
+
+def cpu_percent(pid: int, seconds: float) -> float:
+    """CPU a process uses over ``seconds`` of wall time, as a percentage of one core."""
+    c0, t0 = proc_cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return (proc_cpu_seconds(pid) - c0) / (time.monotonic() - t0) * 100
+
+
+ThreadTimes = dict[int, tuple[str, float, int]]
+
+
+def thread_times(pid: int) -> ThreadTimes:
+    """Per thread of a live process: (name, CPU seconds, voluntary context switches = wake-ups from a wait)."""
+    out: ThreadTimes = {}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                base = f"/proc/{pid}/task/{tid}"
+                with open(f"{base}/comm") as fh:
+                    name = fh.read().strip()
+                with open(f"{base}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                switches = 0
+                with open(f"{base}/status") as fh:
+                    for line in fh:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            switches = int(line.split()[1])
+                out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / CLK_TCK, switches)
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def thread_split(before: ThreadTimes, after: ThreadTimes, wall: float) -> tuple[float, float, float]:
+    """(% of a core in libzmq's threads, % in the Python threads, wake-ups/s of the Python threads) between reads."""
+    zmq_cpu = py_cpu = 0.0
+    py_wakeups = 0
+    for tid, (name, cpu, switches) in after.items():
+        _, cpu0, switches0 = before.get(tid, (name, 0.0, 0))
+        if name.startswith("ZMQbg"):
+            zmq_cpu += cpu - cpu0
+        else:
+            py_cpu += cpu - cpu0
+            py_wakeups += switches - switches0
+    return zmq_cpu / wall * 100, py_cpu / wall * 100, py_wakeups / wall
+
+
+def idle_nodes_main(endpoint: str, broker_key: str, keys: list[tuple[str, str, str]], beacon: bool, ctrl: Any) -> None:
+    """Simulated idle nodes in one process, each with its own key and connections.
+
+    Each one is what a real idle node shows the broker: a CurveZMQ DEALER that
+    says HELLO (role node, one skill, one slot), a PUB that sends a HEARTBEAT
+    every interval once WELCOMEd (first beats spread evenly over one interval),
+    and, with ``beacon``, a SUB to the broker's beacon. No thread per node, no
+    work: one poll loop for all. Answers "hello-first" with a new HELLO, like a
+    real node. Reports ("welcomed", n) once all are in; on "stop" it replies
+    with its counters and exits.
+    """
+    import heapq
+    import random
+
+    from zlink import protocol as P
+
+    _ignore_sigint()
+    parent = os.getppid()
+    host = endpoint.rsplit(":", 1)[0]
+    ctx = zmq.Context()
+    ctx.MAX_SOCKETS = max(1024, 3 * len(keys) + 16)
+    rng = random.Random()
+
+    def secure(sock: zmq.Socket[Any], public: str, secret: str) -> zmq.Socket[Any]:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.curve_serverkey = broker_key.encode("ascii")
+        sock.curve_publickey = public.encode("ascii")
+        sock.curve_secretkey = secret.encode("ascii")
+        return sock
+
+    poller = zmq.Poller()
+    ctrl_fd = ctrl.fileno()
+    poller.register(ctrl_fd, zmq.POLLIN)
+    dealers: dict[zmq.Socket[Any], int] = {}
+    subs: set[zmq.Socket[Any]] = set()
+    hellos: list[bytes] = []
+    sessions: list[bytes] = []
+    beats: list[bytes | None] = [None] * len(keys)
+    pubs: list[zmq.Socket[Any] | None] = [None] * len(keys)
+    socks: list[zmq.Socket[Any]] = []
+    for i, (name, public, secret) in enumerate(keys):
+        d = secure(ctx.socket(zmq.DEALER), public, secret)
+        d.connect(endpoint)
+        sessions.append(os.urandom(8))
+        hello = P.encode(
+            P.Hello(
+                name=name, role="node", session=sessions[i], skills={"idle": {"description": "never called"}},
+                slots=1, prefetch=0, agent="zlink-bench-idle",
+            )
+        )  # fmt: skip
+        d.send(hello)
+        hellos.append(hello)
+        dealers[d] = i
+        socks.append(d)
+        poller.register(d, zmq.POLLIN)
+    interval = 0.5
+    due: list[tuple[float, int]] = []  # (when, node) heap of heartbeats to send
+    counts = {"welcomed": 0, "beats": 0, "beacons": 0, "rehellos": 0, "dropped": 0, "other": 0}
+    reported = False
+    next_parent_check = time.monotonic() + 1.0
+    try:
+        while True:
+            now = time.monotonic()
+            timeout = min(1.0, max(0.0, due[0][0] - now)) if due else 1.0
+            events = dict(poller.poll(math.ceil(timeout * 1000)))
+            if ctrl_fd in events and ctrl.poll() and ctrl.recv() == "stop":
+                break
+            for sock in events:
+                if sock in dealers:
+                    i = dealers[sock]
+                    while True:
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        msg = P.decode(frames[0], len(frames) - 1)
+                        if type(msg) is P.Welcome:
+                            interval = msg.heartbeat_interval
+                            beats[i] = P.encode(P.Heartbeat(session=sessions[i], epoch=msg.epoch, free=1))
+                            if pubs[i] is None:
+                                _, public, secret = keys[i]
+                                pub = secure(ctx.socket(zmq.PUB), public, secret)
+                                pub.setsockopt(zmq.SNDHWM, 10)
+                                pub.connect(f"{host}:{msg.heartbeat_port}")
+                                pubs[i] = pub
+                                socks.append(pub)
+                                if beacon:
+                                    sub = secure(ctx.socket(zmq.SUB), public, secret)
+                                    sub.setsockopt(zmq.SUBSCRIBE, b"")
+                                    sub.connect(f"{host}:{msg.beacon_port}")
+                                    subs.add(sub)
+                                    socks.append(sub)
+                                    poller.register(sub, zmq.POLLIN)
+                                heapq.heappush(due, (time.monotonic() + rng.uniform(0.0, interval), i))
+                                counts["welcomed"] += 1
+                        elif type(msg) is P.Error and msg.code == "hello-first":
+                            sock.send(hellos[i])
+                            counts["rehellos"] += 1
+                        else:
+                            counts["other"] += 1
+                elif sock in subs:
+                    while True:
+                        try:
+                            sock.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        counts["beacons"] += 1
+            now = time.monotonic()
+            while due and due[0][0] <= now:
+                when, i = heapq.heappop(due)
+                pub, beat = pubs[i], beats[i]
+                if pub is not None and beat is not None:
+                    try:
+                        pub.send(beat, zmq.NOBLOCK)
+                        counts["beats"] += 1
+                    except zmq.Again:
+                        counts["dropped"] += 1
+                heapq.heappush(due, (when + interval if when + interval > now else now + interval, i))
+            if not reported and counts["welcomed"] == len(keys):
+                ctrl.send(("welcomed", counts["welcomed"]))
+                reported = True
+            if now >= next_parent_check:
+                next_parent_check = now + 1.0
+                if os.getppid() != parent:
+                    return  # orphaned: the bench process is gone
+        ctrl.send(("stopped", counts))
+    finally:
+        for s in socks:
+            s.close(linger=0)
+        ctx.term()
+
+
+def measure_idle_broker(cfg: Settings) -> dict[str, float]:
+    """The broker's CPU and memory with no nodes, then with ``cfg.idle_nodes`` idle ones.
+
+    A ``zlink broker`` (default heartbeats: 0.5 s x 3) started by LocalSwarm
+    and one connected client. First its CPU over half the measuring time and
+    its RSS with no node; then ``cfg.idle_nodes`` keys are invited (one per
+    node, as ``zlink invite`` would) and simulated by :func:`idle_nodes_main`
+    in ``cfg.idle_procs`` helper processes. Once ``client.status()`` lists
+    them all and neither that nor the count of dead nodes changed for
+    :data:`SETTLE_S`, the broker's CPU (utime + stime from /proc, in all and
+    per thread) is measured over ``cfg.idle_seconds``, then its RSS; the
+    status must then still list every node and count no new death.
+    """
+    from zlink import Client
+    from zlink.demo import LocalSwarm
+    from zlink.security import BrokerHome
+
+    n = cfg.idle_nodes
+    swarm = LocalSwarm()
+    client: Any = None
+    helpers: list[Any] = []
+    conns: list[Any] = []
+    try:
+        swarm.start_broker(timeout=20.0)
+        assert swarm.broker is not None
+        pid = swarm.broker.pid
+        client = Client(swarm.invite("client", "bench-idle-client"), connect_timeout=20.0)
+        client.status()
+        time.sleep(1.0)  # past the start-up work
+        cpu_empty = cpu_percent(pid, cfg.idle_seconds / 2)
+        rss_empty = proc_rss_kib(pid)
+        home = BrokerHome(swarm.home)
+        joins = [home.invite(name=f"idle-node-{i + 1}", role="node", endpoints=[swarm.endpoint]) for i in range(n)]
+        keys = [(j.name, j.keys.public, j.keys.secret or "") for j in joins]
+        mpc = mp.get_context("spawn")
+        procs = max(1, min(cfg.idle_procs, n))
+        t_join = time.monotonic()
+        for k in range(procs):
+            parent_end, child_end = mpc.Pipe()
+            args = (swarm.endpoint, joins[0].broker_key, keys[k::procs], True, child_end)
+            h = mpc.Process(target=idle_nodes_main, args=args, daemon=True)
+            h.start()
+            helpers.append(h)
+            conns.append(parent_end)
+        deadline = time.monotonic() + 60.0
+        waiting = set(range(procs))
+        while waiting:
+            for k in list(waiting):
+                if conns[k].poll(0.05):
+                    conns[k].recv()
+                    waiting.discard(k)
+                elif not helpers[k].is_alive():
+                    raise BenchError(f"an idle-node helper exited at start (code {helpers[k].exitcode})")
+            if time.monotonic() > deadline:
+                raise BenchError(f"idle nodes: {procs - len(waiting)}/{procs} helpers had all their nodes welcomed")
+        join_s = math.nan
+        last: tuple[int, int] = (-1, -1)
+        changed = time.monotonic()
+        while True:  # until every node is listed and nothing changed (no death) for SETTLE_S
+            st = client.status()
+            now = time.monotonic()
+            listed, deaths = len(st["nodes"]), st["counters"]["nodes_died"]
+            if listed == n and math.isnan(join_s):
+                join_s = now - t_join
+            if (listed, deaths) != last:
+                last, changed = (listed, deaths), now
+            elif listed == n and now - changed >= SETTLE_S:
+                break
+            if now > deadline:
+                raise BenchError(f"idle nodes: not settled after 60 s: {listed}/{n} nodes listed, {deaths} deaths")
+            time.sleep(0.1)
+        before = st
+        sims = [h.pid or 0 for h in helpers]
+        sim_c0 = sum(proc_cpu_seconds(p) for p in sims)
+        threads0 = thread_times(pid)
+        t0 = time.monotonic()
+        cpu_idle = cpu_percent(pid, cfg.idle_seconds)
+        wall = time.monotonic() - t0
+        zmq_cpu, py_cpu, py_wakeups = thread_split(threads0, thread_times(pid), wall)
+        sim_cpu = (sum(proc_cpu_seconds(p) for p in sims) - sim_c0) / wall * 100
+        rss_idle = proc_rss_kib(pid)
+        after = client.status()
+        died = after["counters"]["nodes_died"] - before["counters"]["nodes_died"]
+        if len(after["nodes"]) != n or died:
+            raise BenchError(f"idle nodes: {len(after['nodes'])}/{n} listed after the measurement, {died} died")
+        worst_silence = max(node["last_seen"] for node in after["nodes"])
+        stats: dict[str, int] = {}
+        for conn in conns:
+            conn.send("stop")
+        for conn in conns:
+            if conn.poll(5.0):
+                _, c = conn.recv()
+                for key, v in c.items():
+                    stats[key] = stats.get(key, 0) + v
+    finally:
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+        stop_processes(helpers)
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            swarm.close()
+    return {
+        "nodes": n,
+        "cpu_pct": cpu_idle,
+        "cpu_pct_empty": cpu_empty,
+        "rss_mib_empty": rss_empty / 1024,
+        "rss_mib": rss_idle / 1024,
+        "kib_per_node": (rss_idle - rss_empty) / n,
+        "cpu_us_per_node_s": cpu_idle / 100 / n * 1e6,
+        "cpu_pct_python": py_cpu,
+        "cpu_pct_libzmq": zmq_cpu,
+        "python_wakeups_per_s": py_wakeups,
+        "cpu_us_per_wakeup": py_cpu / 100 / py_wakeups * 1e6 if py_wakeups else math.nan,
+        "join_s": join_s,
+        "join_deaths": before["counters"]["nodes_died"],
+        "worst_silence_s": worst_silence,
+        "sim_cpu_pct": sim_cpu,
+        "sim_rehellos": stats.get("rehellos", 0),
+        "sim_dropped_beats": stats.get("dropped", 0),
+        "seconds": cfg.idle_seconds,
+    }
+
+
 # =========================================================================== measurements
 
 
@@ -502,6 +982,14 @@ class Settings:
     repeat: int
     pick: str  # "best" or "median"
     budget: float  # seconds per measurement run
+    kills: int = 20  # failure detection: nodes killed with SIGKILL, one at a time
+    idle_nodes: int = 200  # idle broker: simulated idle nodes
+    idle_seconds: float = 10.0  # idle broker: CPU measured over this long (half that with no node)
+    idle_procs: int = 4  # idle broker: helper processes the simulated nodes are spread over
+    only: tuple[str, ...] = ()  # measurements to run (empty: all)
+
+    def runs(self, measurement: str) -> bool:
+        return not self.only or measurement in self.only
 
 
 def measure_throughput(system: System, cfg: Settings) -> dict[str, float]:
@@ -525,14 +1013,20 @@ MEASUREMENTS: dict[str, Callable[[System, Settings], dict[str, float]]] = {
     "throughput": measure_throughput,
     "round_trip": measure_round_trip,
 }
+#: zlink-only measurements that start and stop their own processes: function(settings) -> figures.
+#: They run after the compared systems in each repeat (with neither up) and fill the zlink column.
+SOLO_MEASUREMENTS: dict[str, Callable[[Settings], dict[str, Any]]] = {
+    "failure_detection": measure_failure_detection,
+    "idle_broker": measure_idle_broker,
+}
 #: the systems compared, in the order they run; each is a context manager that starts and stops its processes
 SYSTEMS: dict[str, Callable[[Settings], System]] = {
     "raw": lambda cfg: RawRelay(cfg.workers),
     "zlink": lambda cfg: ZlinkSwarm(cfg.workers, cfg.slots, cfg.prefetch),
 }
 #: figures echoed on stderr as each run finishes
-BRIEF_KEYS = ("tasks_per_s", "p50_ms", "p99_ms")
-#: which systems each measurement runs on (a zlink-only figure such as failure detection lists only "zlink")
+BRIEF_KEYS = ("tasks_per_s", "p50_ms", "p99_ms", "median_s", "max_s", "cpu_pct", "kib_per_node")
+#: which systems each measurement of MEASUREMENTS runs on (a zlink-only figure on the swarm lists only "zlink")
 MEASURED_ON: dict[str, tuple[str, ...]] = {
     "throughput": ("raw", "zlink"),
     "round_trip": ("raw", "zlink"),
@@ -541,7 +1035,7 @@ MEASURED_ON: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the table: a figure of a measurement, compared zlink / raw."""
+    """One line of the table: a figure of a measurement, compared zlink / raw, or zlink's alone."""
 
     measurement: str
     key: str
@@ -549,11 +1043,29 @@ class Row:
     fmt: str = "{:,.2f}"
     higher_is_better: bool = False
     target: float | None = None  # on zlink/raw; >= target if higher is better, else <= target
+    limit: float | None = None  # on the zlink figure itself, in ``unit``; same direction as ``target``
+    unit: str = ""  # printed after the limit, e.g. " s" or "%"
+    strict: bool = False  # the limit excludes its own value (< rather than <=)
 
     def target_text(self) -> str:
+        if self.limit is not None:
+            op = (">" if self.higher_is_better else "<") + ("" if self.strict else "=")
+            return f"{op} {self.limit:g}{self.unit}"
         if self.target is None:
             return "-"
         return f"{'>=' if self.higher_is_better else '<='} {self.target:g}x"
+
+    def meets(self, ratio: float | None, value: float | None) -> bool | None:
+        """Whether the figure meets its target or limit (None: nothing to judge)."""
+        if self.limit is not None:
+            if value is None or math.isnan(value):
+                return None
+            if self.higher_is_better:
+                return value > self.limit if self.strict else value >= self.limit
+            return value < self.limit if self.strict else value <= self.limit
+        if self.target is None or ratio is None:
+            return None
+        return ratio >= self.target if self.higher_is_better else ratio <= self.target
 
 
 ROWS: list[Row] = [
@@ -563,6 +1075,17 @@ ROWS: list[Row] = [
     Row("throughput", "relay_cpu_us_per_task", "relay/broker CPU per task (us)", "{:,.1f}"),
     Row("throughput", "worker_cpu_us_per_task", "worker/node CPU per task (us)", "{:,.1f}"),
     Row("throughput", "client_cpu_us_per_task", "client CPU per task (us)", "{:,.1f}"),
+    Row("failure_detection", "median_s", "kill -9 to re-dispatch, median (s)", "{:,.3f}", limit=1.5, unit=" s"),
+    Row("failure_detection", "max_s", "kill -9 to re-dispatch, max (s)", "{:,.3f}"),
+    Row("failure_detection", "status_median_s", "kill -9 to gone from status, median (s)", "{:,.3f}"),
+    Row("idle_broker", "cpu_pct", "broker CPU, {nodes} idle nodes (% core)", "{:,.2f}", limit=5, unit="%", strict=True),
+    Row("idle_broker", "cpu_pct_python", "  in its Python threads (% core)", "{:,.2f}"),
+    Row("idle_broker", "cpu_pct_libzmq", "  in libzmq's I/O threads (% core)", "{:,.2f}"),
+    Row("idle_broker", "python_wakeups_per_s", "  Python thread wake-ups per second", "{:,.0f}"),
+    Row("idle_broker", "cpu_pct_empty", "broker CPU, no node (% core)", "{:,.2f}"),
+    Row("idle_broker", "rss_mib_empty", "broker RSS, no node (MiB)", "{:,.1f}"),
+    Row("idle_broker", "rss_mib", "broker RSS, {nodes} idle nodes (MiB)", "{:,.1f}"),
+    Row("idle_broker", "kib_per_node", "broker memory per idle node (KiB)", "{:,.1f}"),
 ]
 
 
@@ -575,17 +1098,18 @@ def pick(values: list[float], higher_is_better: bool, how: str) -> float:
     return max(vals) if higher_is_better else min(vals)
 
 
-def run_all(cfg: Settings, log: Callable[[str], None]) -> dict[str, dict[str, list[dict[str, float]]]]:
-    """Run every measurement ``cfg.repeat`` times on both systems.
+def run_all(cfg: Settings, log: Callable[[str], None]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Run every measurement ``cfg.repeat`` times on both systems, then the zlink-only ones.
 
     Only one system is up at a time (an idle system must not take CPU from the
     one being measured), and the systems alternate on every repeat so that
     noise from the rest of the machine hits both alike.
     """
-    runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {s: [] for s in SYSTEMS} for m in MEASUREMENTS}
+    every = [*MEASUREMENTS, *SOLO_MEASUREMENTS]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {s: [] for s in SYSTEMS} for m in every if cfg.runs(m)}
     for rep in range(cfg.repeat):
         for sname, make in SYSTEMS.items():
-            names = [m for m in MEASUREMENTS if sname in MEASURED_ON[m]]
+            names = [m for m in MEASUREMENTS if sname in MEASURED_ON[m] and cfg.runs(m)]
             if not names:
                 continue
             t_start = time.monotonic()
@@ -597,25 +1121,33 @@ def run_all(cfg: Settings, log: Callable[[str], None]) -> dict[str, dict[str, li
                     runs[mname][sname].append(result)
                     brief = ", ".join(f"{k}={v:,.3f}" for k, v in result.items() if k in BRIEF_KEYS)
                     log(f"  run {rep + 1}/{cfg.repeat} {sname:<5} {mname:<11} {brief}  ({time.monotonic() - t0:.1f} s)")
+        for mname, measure in SOLO_MEASUREMENTS.items():
+            if not cfg.runs(mname):
+                continue
+            t0 = time.monotonic()
+            result = measure(cfg)
+            runs[mname]["zlink"].append(result)
+            brief = ", ".join(f"{k}={v:,.3f}" for k, v in result.items() if k in BRIEF_KEYS)
+            log(f"  run {rep + 1}/{cfg.repeat} zlink {mname} {brief}  ({time.monotonic() - t0:.1f} s)")
     return runs
 
 
-def summarize(runs: dict[str, dict[str, list[dict[str, float]]]], cfg: Settings) -> list[dict[str, Any]]:
+def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]], cfg: Settings) -> list[dict[str, Any]]:
     rows = []
     for row in ROWS:
-        per = runs.get(row.measurement, {})
+        if row.measurement not in runs:
+            continue  # not run (--only)
+        per = runs[row.measurement]
         values = {}
         for sname in ("raw", "zlink"):
             samples = [r[row.key] for r in per.get(sname, []) if row.key in r]
             values[sname] = pick(samples, row.higher_is_better, cfg.pick) if samples else None
         raw_v, zl_v = values["raw"], values["zlink"]
         ratio = zl_v / raw_v if raw_v and zl_v is not None else None
-        verdict = "-"
-        if row.target is not None and ratio is not None:
-            ok = ratio >= row.target if row.higher_is_better else ratio <= row.target
-            verdict = "PASS" if ok else "MISS"
+        ok = row.meets(ratio, zl_v)
+        verdict = "-" if ok is None else "PASS" if ok else "MISS"
         rows.append({
-            "metric": row.label.format(tasks=short_count(cfg.tasks)),
+            "metric": row.label.format(tasks=short_count(cfg.tasks), nodes=cfg.idle_nodes),
             "measurement": row.measurement,
             "key": row.key,
             "raw": raw_v,
@@ -693,12 +1225,13 @@ def fmt_value(value: float | None, fmt: str) -> str:
 
 
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
-    header = f"{'metric':<34}{'raw relay':>12}{'zlink':>12}{'ratio':>9}{'target':>10}{'':>6}"
+    w = max([34, *(len(r["metric"]) + 2 for r in rows)])
+    header = f"{'metric':<{w}}{'raw relay':>12}{'zlink':>12}{'ratio':>9}{'target':>10}{'':>6}"
     lines = [header, "-" * len(header)]
     for r in rows:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         lines.append(
-            f"{r['metric']:<34}{fmt_value(r['raw'], r['fmt']):>12}{fmt_value(r['zlink'], r['fmt']):>12}"
+            f"{r['metric']:<{w}}{fmt_value(r['raw'], r['fmt']):>12}{fmt_value(r['zlink'], r['fmt']):>12}"
             f"{ratio:>9}{r['target']:>10}{r['verdict']:>6}"
         )
     return lines
@@ -718,8 +1251,37 @@ def settings_text(cfg: Settings) -> str:
     return (
         f"{cfg.workers} workers/nodes ({cfg.slots} slots, prefetch {prefetch} per zlink node), window {cfg.window:,}, "
         f"{cfg.tasks:,} pipelined tasks, {cfg.rtt:,} sequential round trips, warm-up {cfg.warmup:,}; "
-        f"{cfg.pick} of {cfg.repeat} run(s) per figure"
+        f"{cfg.kills} node kills; {cfg.idle_nodes} idle nodes in {cfg.idle_procs} helper process(es), "
+        f"broker CPU over {cfg.idle_seconds:g} s; {cfg.pick} of {cfg.repeat} run(s) per figure"
+        + (f"; only {', '.join(cfg.only)}" if cfg.only else "")
     )
+
+
+#: how the zlink-only figures are measured, printed under the table and in the markdown
+SOLO_NOTES = {
+    "failure_detection": (
+        "kill -9: a broker with default heartbeats (0.5 s x 3) and {fd} nodes (1 slot, no prefetch), {busy} of them "
+        "running a long task; each round SIGKILLs the node running one task (at a random point of its heartbeat "
+        "cycle) and times the kill to the next start of that task on another node, as the skill logs it "
+        "(CLOCK_MONOTONIC, shared by all processes: sub-millisecond precision); a replacement node joins before the "
+        "next kill. 'gone from status' is when client.status(), asked every 20 ms, first no longer lists the node."
+    ),
+    "idle_broker": (
+        "idle broker: a broker with default heartbeats and one idle client; CPU is utime + stime from "
+        "/proc/PID/stat over the stated time, as a percentage of one core (10 ms clock ticks); RSS is VmRSS. "
+        "The idle nodes are simulated, each with its own invited key: a CurveZMQ DEALER that said HELLO (node, one "
+        "skill, one slot), a PUB sending a HEARTBEAT every 0.5 s, and a SUB to the beacon, as a real node has. "
+        "Memory per node = (RSS with them - RSS with none) / nodes. The per-thread split and the wake-ups "
+        "(voluntary context switches) come from /proc/PID/task."
+    ),
+}
+
+
+def solo_notes(rows: list[dict[str, Any]]) -> list[str]:
+    shown = {r["measurement"] for r in rows}
+    return [
+        note.format(fd=FD_NODES, busy=FD_NODES - 1) for m, note in SOLO_NOTES.items() if m in shown
+    ]  # fmt: skip
 
 
 def markdown(rows: list[dict[str, Any]], m: dict[str, Any], cfg: Settings, cmd: str) -> str:
@@ -731,7 +1293,8 @@ def markdown(rows: list[dict[str, Any]], m: dict[str, Any], cfg: Settings, cmd: 
         "`zlink node` processes running `scripts/bench_skills.py`) and one client in the benchmark process. "
         "The ratio is zlink / raw relay. The CPU rows are the user + system CPU time each process used during "
         "the throughput run, divided by the tasks (clock-tick resolution: 10 ms over the whole run); "
-        "they show where the time goes, they have no target.",
+        "they show where the time goes, they have no target. The rows with no raw relay figure are zlink's "
+        "alone (failure detection, a broker with idle nodes); their targets are absolute.",
         "",
         f"- Machine: {m['cores']} cores ({m['usable_cores']} usable), {m['cpu_model']}, {m['os']}",
         f"- Software: Python {m['python']}, pyzmq {m['pyzmq']}, libzmq {m['libzmq']}, zlink {m['zlink']}"
@@ -739,6 +1302,7 @@ def markdown(rows: list[dict[str, Any]], m: dict[str, Any], cfg: Settings, cmd: 
         f"- Load average at start: {' '.join(str(x) for x in m['load_avg'])}",
         f"- Settings: {settings_text(cfg)}",
         f"- Reproduce: `{cmd}`",
+        *(f"- {note[0].upper()}{note[1:]}" for note in solo_notes(rows)),
         "",
         "| metric | raw relay | zlink | ratio | target | |",
         "|---|---:|---:|---:|---:|---|",
@@ -758,7 +1322,11 @@ def markdown(rows: list[dict[str, Any]], m: dict[str, Any], cfg: Settings, cmd: 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="small counts for a smoke test (2,000 tasks, 300 round trips)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="small counts for a smoke test (2,000 tasks, 300 round trips, 5 kills, idle CPU over 5 s)",
+    )
     ap.add_argument("--tasks", type=int, default=None, help="pipelined tasks for throughput (default 10,000)")
     ap.add_argument("--rtt", type=int, default=None, help="sequential round trips for latency (default 2,000)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up tasks before each run (default 500)")
@@ -779,13 +1347,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --repeat: report the best run (max tasks/s, min latency) or the median (default best)",
     )
     ap.add_argument("--budget", type=float, default=120.0, help="seconds one measurement run may take (default 120)")
+    ap.add_argument("--kills", type=int, default=None, help="failure detection: nodes killed (default 20)")
+    ap.add_argument("--idle-nodes", type=int, default=200, help="idle broker: simulated idle nodes (default 200)")
+    ap.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=None,
+        help="idle broker: seconds the broker's CPU is measured (default 10)",
+    )
+    ap.add_argument(
+        "--idle-procs", type=int, default=4, help="idle broker: helper processes for the idle nodes (default 4)"
+    )
+    every = [*MEASUREMENTS, *SOLO_MEASUREMENTS]
+    ap.add_argument(
+        "--only",
+        default="",
+        metavar="NAME[,NAME]",
+        help=f"run only these measurements ({', '.join(every)}; default all)",
+    )
     ap.add_argument("--json", type=Path, default=None, metavar="FILE", help="write every figure as JSON")
     ap.add_argument("--markdown", type=Path, default=None, metavar="FILE", help="write the table as a markdown section")
     args = ap.parse_args(argv)
-    for name in ("tasks", "rtt", "warmup", "window", "workers", "slots", "repeat"):
+    for name in ("tasks", "rtt", "warmup", "window", "workers", "slots", "repeat", "kills", "idle_nodes", "idle_procs"):
         v = getattr(args, name)
         if v is not None and v < 1:
-            ap.error(f"--{name} must be at least 1")
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.kills is not None and args.kills > 198:
+        ap.error("--kills must be at most 198 (each held task may die 99 times)")
+    if args.idle_seconds is not None and args.idle_seconds <= 0:
+        ap.error("--idle-seconds must be more than 0")
+    args.only = tuple(m for m in args.only.replace(",", " ").split() if m)
+    unknown = [m for m in args.only if m not in every]
+    if unknown:
+        ap.error(f"--only: unknown measurement(s) {', '.join(unknown)}; choose from {', '.join(every)}")
     if args.prefetch is not None and args.prefetch < 0:
         ap.error("--prefetch must be 0 or more")
     return args
@@ -804,6 +1398,11 @@ def main(argv: list[str] | None = None) -> int:
         repeat=args.repeat,
         pick=args.pick,
         budget=args.budget,
+        kills=args.kills or (5 if args.quick else 20),
+        idle_nodes=args.idle_nodes,
+        idle_seconds=args.idle_seconds or (5.0 if args.quick else 10.0),
+        idle_procs=args.idle_procs,
+        only=args.only,
     )
     # SIGTERM unwinds through the finally blocks like Ctrl-C, so no child process is left behind
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -833,7 +1432,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *table_lines(rows),
         "",
-        f"ratio = zlink / raw relay; total {time.monotonic() - started:.1f} s",
+        "ratio = zlink / raw relay; rows without a raw relay figure are zlink's alone, with absolute targets",
+        *solo_notes(rows),
+        f"total {time.monotonic() - started:.1f} s",
     ]
     print("\n".join(lines))
     if args.json is not None:
