@@ -673,45 +673,58 @@ class AsyncClient:
         skill: str,
         iterable: Iterable[Any],
         *,
+        ordered: bool = True,
+        window: int = 1000,
         timeout: float | None = None,
         max_attempts: int = 3,
-        window: int = 1000,
-        ordered: bool = True,
+        progress: bool = False,
+        unpack: bool = False,
     ) -> AsyncIterator[Any]:
         """Async generator with the same semantics as :meth:`Client.map`."""
+        if window < 1:
+            raise ValueError("window must be at least 1")
         client = self.client
         it = iter(iterable)
-        inflight: deque[asyncio.Future[Any]] = deque()
+        total = len(iterable) if progress and hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
+        bar = Progress(total, label=f"{skill} tasks") if progress else None
+        inflight: deque[asyncio.Future[Any]] = deque()  # ordered
+        done_q: asyncio.Queue[asyncio.Future[Any]] = asyncio.Queue()  # unordered
         futs: dict[asyncio.Future[Any], TaskFuture] = {}
 
         def refill() -> None:
-            while len(inflight) < window:
+            while len(futs) < window:
                 try:
                     item = next(it)
                 except StopIteration:
                     return
-                tf = client.submit(skill, item, timeout=timeout, max_attempts=max_attempts)
+                args = tuple(item) if unpack else (item,)
+                tf = client.submit(skill, *args, timeout=timeout, max_attempts=max_attempts)
                 af = asyncio.wrap_future(tf)
                 futs[af] = tf
-                inflight.append(af)
+                if ordered:
+                    inflight.append(af)
+                else:
+                    af.add_done_callback(done_q.put_nowait)
 
         try:
             refill()
-            while inflight:
+            while futs:
                 if ordered:
                     af = inflight.popleft()
                     value = await af
                 else:
-                    done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                    af = done.pop()
-                    inflight.remove(af)
+                    af = await done_q.get()
                     value = af.result()
                 futs.pop(af, None)
+                if bar is not None:
+                    bar.advance()
                 refill()
                 yield value
         finally:
             for tf in futs.values():
                 tf.cancel()
+            if bar is not None:
+                bar.close()
 
     async def stream(
         self,
