@@ -353,6 +353,10 @@ class PeerLink(ABC):
         self.on_fatal(exc)
 
     def _check_link(self, now: float) -> None:
+        if self.welcome is not None and now - self._last_beacon > self.beacon_interval:
+            # this thread may itself have been busy (a slow callback): read what
+            # arrived meanwhile before judging the broker
+            self._drain_beacon(self._beacon_sock)
         silent = now - self._last_beacon
         if self.welcome is not None and silent > self.beacon_interval * (self.liveness + 1):
             # no beacon for longer than the broker's own liveness rule: presume it

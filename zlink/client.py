@@ -111,6 +111,14 @@ class TaskStream:
     def cancel(self) -> bool:
         return self.future.cancel()
 
+    def __enter__(self) -> TaskStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Leaving a ``with client.stream(...) as s:`` block cancels the task if still running."""
+        if not self.future.done():
+            self.future.cancel()
+
 
 class _Pending:
     __slots__ = ("deadline", "future", "payload", "spec")
@@ -196,6 +204,7 @@ class Client(PeerLink):
         self.max_tasks = 0
         self._unresolved = 0
         self._room = threading.Condition()
+        self._cancel_backlog: set[bytes] = set()
         self._connect()
 
     # ------------------------------------------------------------------ public API
@@ -309,7 +318,12 @@ class Client(PeerLink):
             raise ClosedError("this client is closed")
         return True
 
-    def _free_room(self, _fut: cf.Future[Any]) -> None:
+    def _free_room(self, fut: cf.Future[Any]) -> None:
+        if fut.cancelled() and not self.closed:
+            return  # freed by the cancel itself, once its CANCEL has left (see _cancel_soon)
+        self._release_room()
+
+    def _release_room(self) -> None:
         with self._room:
             self._unresolved -= 1
             self._room.notify()
@@ -395,7 +409,7 @@ class Client(PeerLink):
                 ready.notify()
 
         def refill() -> None:
-            while len(inflight) < window:
+            while len(inflight) + len(unordered) < window:
                 try:
                     skill, args = next(calls)
                 except StopIteration:
@@ -467,22 +481,32 @@ class Client(PeerLink):
 
         def cancel() -> None:
             pend = self._pending.pop(tid, None)
-            if pend is not None and self.welcome is not None:
-                self.send(P.Cancel(tids=(tid,)))
-            elif pend is None:
-                # still in the outgoing queue: it will be skipped when drained
-                pass
+            if pend is not None:
+                if self.welcome is not None:
+                    self.send(P.Cancel(tids=(tid,)))
+                else:  # re-registering: the broker may still hold it, cancel after WELCOME
+                    self._cancel_backlog.add(tid)
+            # (a task still in the outgoing queue is skipped when drained)
+            if self.max_tasks:
+                # only now, after the CANCEL, may a new task take its place: the
+                # broker must not see the new SUBMIT first and refuse it as over quota
+                self._release_room()
 
         try:
             self.call_soon(cancel)
         except ClosedError:
-            pass
+            if self.max_tasks:
+                self._release_room()
 
     def hello(self) -> P.Hello:
         return P.Hello(name=self.name, role="client", session=self.session, epoch=self.epoch, agent="zlink-client")
 
     def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
         self.max_tasks = welcome.max_tasks
+        if self._cancel_backlog:
+            backlog, self._cancel_backlog = self._cancel_backlog, set()
+            if not new_epoch:  # a new broker never heard of them
+                self.send(P.Cancel(tids=tuple(backlog)))
         if self._pending:
             # after a reconnect or a broker restart: the broker drops duplicates
             self._send_tasks(list(self._pending.values()))
@@ -579,8 +603,11 @@ class Client(PeerLink):
                 f"task {pend.spec.skill!r} ({tid.hex()}) did not finish within its timeout of {pend.spec.timeout:g} s",
                 task_id=tid.hex(),
             ))  # fmt: skip
-        if expired and self.welcome is not None:
-            self.send(P.Cancel(tids=tuple(expired)))
+        if expired:
+            if self.welcome is not None:
+                self.send(P.Cancel(tids=tuple(expired)))
+            else:
+                self._cancel_backlog.update(expired)
 
     def on_fatal(self, exc: ZlinkError) -> None:
         self._fail_all(exc)
@@ -661,7 +688,7 @@ class AsyncClient:
         At the broker's per-client bound it waits (without blocking the loop).
         """
         client = self.client
-        if not client.has_room():
+        while not client.has_room():  # several coroutines may wake for one free slot
             await asyncio.get_running_loop().run_in_executor(None, client.wait_room)
         fut = client.submit(
             skill, *args, timeout=timeout, max_attempts=max_attempts, reads=reads, writes=writes, **kwargs
@@ -691,8 +718,12 @@ class AsyncClient:
         done_q: asyncio.Queue[asyncio.Future[Any]] = asyncio.Queue()  # unordered
         futs: dict[asyncio.Future[Any], TaskFuture] = {}
 
-        def refill() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def refill() -> None:
             while len(futs) < window:
+                while not client.has_room():  # wait for room without blocking the loop
+                    await loop.run_in_executor(None, client.wait_room)
                 try:
                     item = next(it)
                 except StopIteration:
@@ -707,7 +738,7 @@ class AsyncClient:
                     af.add_done_callback(done_q.put_nowait)
 
         try:
-            refill()
+            await refill()
             while futs:
                 if ordered:
                     af = inflight.popleft()
@@ -718,7 +749,7 @@ class AsyncClient:
                 futs.pop(af, None)
                 if bar is not None:
                     bar.advance()
-                refill()
+                await refill()
                 yield value
         finally:
             for tf in futs.values():
@@ -761,7 +792,9 @@ class AsyncClient:
             if not fut.done():
                 fut.cancel()
 
-    async def map_reduce(self, skill: str, items: Iterable[Any], reduce_skill: str, **options: Any) -> Any:
+    async def map_reduce(
+        self, skill: str | Sequence[str], items: Iterable[Any], reduce_skill: str, **options: Any
+    ) -> Any:
         """Async :meth:`Client.map_reduce`."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, lambda: self.client.map_reduce(skill, items, reduce_skill, **options))
@@ -782,6 +815,10 @@ def _skill_name(fn: Callable[..., Any] | str) -> str:
             "(it runs on a node under its skill name) or pass the skill's name"
         )
     return name
+
+
+def _result_by(fut: cf.Future[Any], end: float | None) -> Any:
+    return fut.result(None if end is None else max(0.0, end - time.monotonic()))
 
 
 class Executor(cf.Executor):
@@ -813,7 +850,8 @@ class Executor(cf.Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            fut = self._client.submit(_skill_name(fn), *args, **kwargs)
+            # every keyword goes to the function, as with any Executor (no task options)
+            fut = self._client._submit(_skill_name(fn), args, kwargs, None, 3, (), (), None)
             self._futures.add(fut)
         fut.add_done_callback(self._forget)
         return fut
@@ -831,28 +869,30 @@ class Executor(cf.Executor):
     ) -> Iterator[Any]:
         """Like :meth:`concurrent.futures.Executor.map`: results in order, lazily windowed.
 
-        ``timeout`` counts from this call, as in the standard library; on expiry
-        the iterator raises ``TimeoutError``. ``chunksize`` is accepted for
-        compatibility (the client already batches).
+        ``timeout`` counts from this call, as in the standard library: the
+        iterator raises ``TimeoutError`` once it passes. ``chunksize`` is
+        accepted for compatibility (the client already batches).
         """
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         skill = _skill_name(fn)
         end = None if timeout is None else time.monotonic() + timeout
-        calls = ((skill, args) for args in zip(*iterables, strict=False))
-        results = self._client._map(calls, None, 3, self._window, True, None)
+        calls = zip(*iterables, strict=False)
+        client = self._client
+        window = self._window
 
         def gen() -> Iterator[Any]:
-            if end is None:
-                yield from results
-                return
+            inflight: deque[TaskFuture] = deque()
             try:
-                for value in results:
-                    if time.monotonic() > end:
-                        raise cf.TimeoutError()
-                    yield value
+                for args in calls:
+                    inflight.append(client._submit(skill, args, {}, None, 3, (), (), None))
+                    if len(inflight) >= window:
+                        yield _result_by(inflight.popleft(), end)
+                while inflight:
+                    yield _result_by(inflight.popleft(), end)
             finally:
-                results.close()  # type: ignore[attr-defined]
+                for f in inflight:
+                    f.cancel()
 
         return gen()
 

@@ -285,6 +285,9 @@ class Scheduler:
         #: key -> tasks waiting for it, in submission order
         self.key_waiting: dict[str, deque[Task]] = {}
         self._rescan: set[str] = set()
+        #: (tid, attempt, node session) -> cancelled task whose node still runs it:
+        #: its keys stay held until the node answers or dies
+        self.key_zombies: dict[tuple[bytes, int, bytes], Task] = {}
         self._now = now
         self._last_tick = now
 
@@ -592,7 +595,7 @@ class Scheduler:
                     self.orphans[tid] = (item.status, payload, self._now + self.config.orphan_ttl)
                 continue
             if task is None or task.node is not node or task.attempt != attempt:
-                self._fence_release(tid)  # the answer of a forgotten attempt
+                self._answered(node, tid, attempt)  # the answer of a forgotten attempt
                 self.counters["stale_results"] += 1
                 continue
             if item.status == Outcome.RETURNED:
@@ -767,12 +770,12 @@ class Scheduler:
         batch[0].append(P.DispatchItem(task.tid, task.skill, task.attempt, timeout))
         batch[1].append(task.payload)
 
-    def _forget(self, task: Task) -> None:
+    def _forget(self, task: Task, *, keep_keys: bool = False) -> None:
         del self.tasks[task.tid]
         task.client.tasks.discard(task.tid)
         task.state = "gone"
         task.payload = None
-        if task.holds or task.gated:
+        if (task.holds or task.gated) and not keep_keys:
             self._drop_keys(task)
 
     # ------------------------------------------------------------------ read/write keys
@@ -863,7 +866,13 @@ class Scheduler:
     def _cancel_task(self, task: Task) -> None:
         """Forget a task; tell its node to stop (the slot frees when it answers)."""
         node = task.node if task.state == RUNNING else None
-        self._forget(task)
+        still_running = node is not None and node.alive
+        # a cancelled task may go on running until its node answers (a sync skill
+        # stops only when it returns): it keeps its read/write keys until then
+        self._forget(task, keep_keys=still_running and task.holds)
+        if still_running and task.holds:
+            assert node is not None
+            self.key_zombies[(task.tid, task.attempt, node.session)] = task
         if node is not None and node.alive:
             entry = self.fence.get(task.tid)
             if entry is None:
@@ -872,6 +881,14 @@ class Scheduler:
                 entry[0] = max(entry[0], task.attempt)
                 entry[1] += 1
             self._out.append(Send(node.route, P.Cancel(tids=(task.tid,))))
+
+    def _answered(self, node: Node, tid: bytes, attempt: int) -> None:
+        """A node is done with a forgotten attempt (it answered, or it died)."""
+        self._fence_release(tid)
+        if self.key_zombies:
+            zombie = self.key_zombies.pop((tid, attempt, node.session), None)
+            if zombie is not None:
+                self._drop_keys(zombie)
 
     def _fence_release(self, tid: bytes) -> None:
         entry = self.fence.get(tid)
@@ -939,7 +956,7 @@ class Scheduler:
                 if self.adopted.get(tid) == (node, attempt):
                     del self.adopted[tid]
                 else:
-                    self._fence_release(tid)
+                    self._answered(node, tid, attempt)
                 continue
             task.node = None
             if died:

@@ -1667,8 +1667,11 @@ def test_cancelled_or_timed_out_holders_release_their_keys() -> None:
     submit_keyed(sim, b"w3", writes=("k",))
     assert started(sim.cancel(b"c1", b"w2")) == []  # a waiting task leaves the line
     sim.beat(b"n1", now=1.0)
-    assert started(sim.tick(1.0)) == [b"w3"]  # w1 timed out: its key is free
-    assert sim.s.key_waiting == {}
+    # w1 timed out, but its node may still be running it: the key stays held...
+    assert started(sim.tick(1.0)) == []
+    # ...until the node answers the CANCEL
+    assert started(sim.result(b"n1", b"w1", 1, Outcome.CANCELLED, now=1.1)) == [b"w3"]
+    assert sim.s.key_waiting == {} and sim.s.key_zombies == {}
 
 
 def test_a_task_needing_two_keys_waits_for_both() -> None:
@@ -1700,3 +1703,15 @@ def test_an_old_hello_on_the_same_connection_does_not_requeue() -> None:
     assert out.dispatched(b"n1") == []
     assert sim.inflight(b"n1") == {tid: 1}
     assert sim.s.counters["requeued"] == 0
+
+
+def test_a_cancelled_writer_whose_node_dies_releases_its_key() -> None:
+    sim = setup(nodes={b"a": {"slots": 1, "prefetch": 0}, b"b": {"slots": 1, "prefetch": 0}})
+    submit_keyed(sim, b"w1", writes=("k",))
+    submit_keyed(sim, b"w2", writes=("k",))
+    sim.cancel(b"c1", b"w1")
+    assert sim.s.key_zombies
+    sim.beat(b"b", now=NODE_TIMEOUT + 0.5)
+    out = sim.tick(NODE_TIMEOUT + 0.5)  # a (running the cancelled w1) died
+    assert started(out) == [b"w2"]
+    assert sim.s.key_zombies == {}
