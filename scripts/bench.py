@@ -41,7 +41,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +283,8 @@ class RawRelay:
         self.relay_pid = 0
         self.worker_pids: list[int] = []
         self._seq = 0
+        #: the figures of the last throughput run on this system (the batched map reuses them)
+        self.throughput: dict[str, float] | None = None
 
     def __enter__(self) -> RawRelay:
         try:
@@ -415,6 +417,7 @@ class ZlinkSwarm:
         self.client: Any = None
         self.relay_pid = 0
         self.worker_pids: list[int] = []
+        self.throughput: dict[str, float] | None = None
 
     def __enter__(self) -> ZlinkSwarm:
         try:
@@ -469,6 +472,16 @@ class ZlinkSwarm:
                 raise
         if len(got) != n or got[0] != 0 or got[-1] != n - 1:
             raise BenchError("zlink map returned wrong results")
+
+    def batched(self, n: int, window: int, budget: float) -> None:
+        """``client.map`` of ``n`` no-op tasks with ``window`` in flight, consumed (and checked) as they come."""
+        with self._guard(budget) as fired:
+            try:
+                check_map(self.client.map("noop", range(n), window=window), n)
+            except Exception as exc:
+                if fired.is_set():
+                    raise BenchError(f"zlink map over its time budget of {budget:g} s") from exc
+                raise
 
     def round_trips(self, n: int, budget: float) -> list[float]:
         client = self.client
@@ -967,6 +980,245 @@ def measure_idle_broker(cfg: Settings) -> dict[str, float]:
     }
 
 
+# =========================================================================== zlink alone: the parallel API
+
+PAR_NODES = 4  # parallel speed-up: node processes...
+PAR_SLOTS = 8  # ...with this many slots each
+PAR_WAIT_S = 0.05  # what the ``wait50`` skill sleeps
+MEM_SAMPLE_S = 0.5  # lazy map memory: how often RSS is sampled
+MB = 1e6  # memory figures are in MB (10^6 bytes), as the target is stated
+RAW_MIN_TASKS = 10_000  # batched map: the raw relay's figure, when measured for it alone, is over at least this
+
+
+def check_map(results: Iterator[Any], n: int, progress: list[int] | None = None) -> None:
+    """Consume an ordered ``map`` over ``range(n)`` of an identity skill, checking every result as it comes.
+
+    Nothing is kept: memory stays what the map itself holds. ``progress[0]``, if
+    given, counts the results (another thread watches it for stalls).
+    """
+    count = 0
+    for value in results:
+        if value != count:
+            raise BenchError(f"zlink map: result {count:,} is {value!r}")
+        count += 1
+        if progress is not None:
+            progress[0] = count
+    if count != n:
+        raise BenchError(f"zlink map: {count:,} results for {n:,} tasks")
+
+
+def ints(n: int) -> Iterator[int]:
+    """A generator of ``n`` small ints: the map cannot know its length or hold it all."""
+    yield from range(n)
+
+
+def measure_parallel_speedup(cfg: Settings) -> dict[str, Any]:
+    """Wall time of ``cfg.par_tasks`` 50 ms tasks on :data:`PAR_NODES` nodes x :data:`PAR_SLOTS` slots.
+
+    A ``zlink broker`` and :data:`PAR_NODES` ``zlink node`` processes started
+    with ``--slots 8`` (default prefetch) by LocalSwarm, serving ``wait50``
+    (``time.sleep(0.05)``). A warm-up ``map`` of two waves (64 tasks) starts
+    every slot's thread and gives the broker each node's rate; then one
+    ``client.map("wait50", range(n))`` (default window 1,000: every task is
+    in flight at once) is timed to its last result. The ideal is
+    ``n * 0.05 / 32`` s; with 400 tasks that is 12.5 waves, so even a perfect
+    scheduler needs 13 waves (1.04x the ideal).
+    """
+    from zlink import Client
+    from zlink.demo import LocalSwarm
+
+    n = cfg.par_tasks
+    slots = PAR_NODES * PAR_SLOTS
+    ideal = n * PAR_WAIT_S / slots
+    swarm = LocalSwarm()
+    client: Any = None
+    try:
+        swarm.start_broker(timeout=20.0)
+        for i in range(PAR_NODES):
+            swarm.start_node(str(SKILLS_FILE), slots=PAR_SLOTS, name=f"par-node-{i + 1}")
+        client = Client(swarm.invite("client", "bench-par-client"), connect_timeout=20.0)
+        swarm.wait_nodes(client, PAR_NODES, timeout=20.0)
+        with watchdog(cfg.budget, lambda: client.close(timeout=2.0)) as fired:
+            try:
+                t0 = time.perf_counter()
+                check_map(client.map("wait50", range(2 * slots)), 2 * slots)
+                warmup = time.perf_counter() - t0
+                before = {node["name"]: node["done"] for node in client.status()["nodes"]}
+                t0 = time.perf_counter()
+                check_map(client.map("wait50", range(n)), n)
+                wall = time.perf_counter() - t0
+            except Exception as exc:
+                if fired.is_set():
+                    raise BenchError(f"parallel speed-up over its time budget of {cfg.budget:g} s") from exc
+                raise
+        per_node = sorted(node["done"] - before.get(node["name"], 0) for node in client.status()["nodes"])
+    finally:
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            swarm.close()
+    return {
+        "wall_s": wall,
+        "ideal_s": ideal,
+        "ratio": wall / ideal,
+        "waves_floor_s": math.ceil(n / slots) * PAR_WAIT_S,
+        "speedup": n * PAR_WAIT_S / wall,
+        "tasks": n,
+        "slots": slots,
+        "warmup_s": warmup,
+        "per_node_min": per_node[0],
+        "per_node_max": per_node[-1],
+    }
+
+
+def measure_batch_map(system: System, cfg: Settings) -> dict[str, float]:
+    """Batched ``client.map`` throughput, against the raw relay's per-message throughput.
+
+    On the raw relay: the throughput run's figures if it ran on this relay
+    (same run), otherwise that measurement now, with at least
+    :data:`RAW_MIN_TASKS` tasks (a --quick run's 2,000 take under 0.1 s). On zlink (the shared swarm: 2
+    nodes, their default slots and prefetch): a warm-up, then
+    ``client.map("noop", range(cfg.batch_tasks), window=cfg.batch_window)``
+    consumed as the results come.
+    """
+    if isinstance(system, RawRelay):
+        if system.throughput is not None:
+            return {**system.throughput, "reused": 1.0}
+        own = replace(cfg, tasks=max(cfg.tasks, RAW_MIN_TASKS))
+        return {**measure_throughput(system, own), "reused": 0.0}
+    n, window = cfg.batch_tasks, cfg.batch_window
+    budget = max(cfg.budget, n / 2000)  # at least 2,000 tasks/s before the run counts as stuck
+    system.batched(max(cfg.warmup, min(n, 2 * window)), window, budget)
+    with system.cpu_meter() as cpu:
+        t0 = time.perf_counter()
+        system.batched(n, window, budget)
+        wall = time.perf_counter() - t0
+    return {"tasks_per_s": n / wall, "seconds": wall, "tasks": n, "window": window, **cpu.per_task_us(n)}
+
+
+class RssSampler:
+    """Peak VmRSS of some processes, sampled every :data:`MEM_SAMPLE_S` in a thread.
+
+    It also watches a progress counter and calls ``on_stall`` if it did not move
+    for :data:`STALL_S` seconds.
+    """
+
+    def __init__(self, pids: dict[str, int], progress: list[int], on_stall: Callable[[], None]) -> None:
+        self.pids = pids
+        self.base = {name: proc_rss_kib(pid) for name, pid in pids.items()}
+        self.peak = dict(self.base)
+        self.samples: list[tuple[float, ...]] = []
+        self.progress = progress
+        self.on_stall = on_stall
+        self.stalled = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._t0 = time.monotonic()
+
+    def sample(self) -> None:
+        row = [round(time.monotonic() - self._t0, 2)]
+        for name, pid in self.pids.items():
+            kib = proc_rss_kib(pid)
+            if not math.isnan(kib):
+                self.peak[name] = max(self.peak[name], kib)
+            row.append(round(kib * 1024 / MB, 1))
+        self.samples.append(tuple(row))
+
+    def _run(self) -> None:
+        seen, moved = -1, time.monotonic()
+        while not self._stop.wait(MEM_SAMPLE_S):
+            self.sample()
+            now = time.monotonic()
+            if self.progress[0] != seen:
+                seen, moved = self.progress[0], now
+            elif now - moved > STALL_S and not self.stalled:
+                self.stalled = True
+                self.on_stall()
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30.0)
+        self.sample()
+
+    def growth_mb(self, name: str) -> float:
+        return (self.peak[name] - self.base[name]) * 1024 / MB
+
+
+def measure_map_memory(cfg: Settings) -> dict[str, Any]:
+    """RSS growth of the client (this process) and the broker over a lazy ``map`` of ``cfg.mem_items`` items.
+
+    A swarm of its own (a ``zlink broker`` and ``cfg.workers`` ``zlink node``
+    processes with the bench's slots and prefetch) so the broker starts from
+    its idle footprint. After a warm-up map (5,000 tasks) and a
+    ``gc.collect()``, the VmRSS of this process, the broker and the nodes is
+    read from /proc/PID/status, then sampled every 0.5 s in a thread while
+    ``client.map("noop", ints(n))`` (a generator, the default window of 1,000,
+    ordered) is consumed and checked item by item, keeping nothing; growth is
+    the peak (the last sample after the map included) minus the value before.
+    """
+    import gc
+
+    from zlink import Client
+    from zlink.demo import LocalSwarm
+
+    n = cfg.mem_items
+    swarm = LocalSwarm()
+    client: Any = None
+    try:
+        swarm.start_broker(timeout=20.0)
+        assert swarm.broker is not None
+        nodes = [
+            swarm.start_node(str(SKILLS_FILE), slots=cfg.slots, prefetch=cfg.prefetch, name=f"mem-node-{i + 1}")
+            for i in range(cfg.workers)
+        ]  # fmt: skip
+        client = Client(swarm.invite("client", "bench-mem-client"), connect_timeout=20.0)
+        swarm.wait_nodes(client, cfg.workers, timeout=20.0)
+        check_map(client.map("noop", ints(5000)), 5000)
+        gc.collect()
+        pids = {"client": os.getpid(), "broker": swarm.broker.pid}
+        pids.update({f"node-{i + 1}": p.pid for i, p in enumerate(nodes)})
+        progress = [0]
+        budget = max(cfg.budget, n / 2000)  # at least 2,000 tasks/s
+        with (
+            watchdog(budget, lambda: client.close(timeout=2.0)) as fired,
+            RssSampler(pids, progress, lambda: client.close(timeout=2.0)) as rss,
+        ):
+            try:
+                t0 = time.perf_counter()
+                check_map(client.map("noop", ints(n)), n, progress)
+                wall = time.perf_counter() - t0
+            except Exception as exc:
+                if rss.stalled:
+                    raise BenchError(f"lazy map: no result for {STALL_S:g} s after {progress[0]:,}/{n:,}") from exc
+                if fired.is_set():
+                    raise BenchError(f"lazy map over its time budget of {budget:g} s ({progress[0]:,}/{n:,})") from exc
+                raise
+    finally:
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            swarm.close()
+    node_names = [name for name in pids if name.startswith("node-")]
+    return {
+        "items": n,
+        "seconds": wall,
+        "tasks_per_s": n / wall,
+        "client_growth_mb": rss.growth_mb("client"),
+        "broker_growth_mb": rss.growth_mb("broker"),
+        "node_growth_mb": max(rss.growth_mb(name) for name in node_names),
+        "client_rss_mb_before": rss.base["client"] * 1024 / MB,
+        "broker_rss_mb_before": rss.base["broker"] * 1024 / MB,
+        "samples": len(rss.samples),
+        "rss_mb_series": [list(s) for s in rss.samples],  # [seconds, client, broker, node-1, ...]
+    }
+
+
 # =========================================================================== measurements
 
 
@@ -986,6 +1238,10 @@ class Settings:
     idle_nodes: int = 200  # idle broker: simulated idle nodes
     idle_seconds: float = 10.0  # idle broker: CPU measured over this long (half that with no node)
     idle_procs: int = 4  # idle broker: helper processes the simulated nodes are spread over
+    par_tasks: int = 400  # parallel speed-up: 50 ms tasks on 4 nodes x 8 slots
+    batch_tasks: int = 100_000  # batched map: no-op tasks through one client.map
+    batch_window: int = 10_000  # batched map: its window (tasks in flight)
+    mem_items: int = 1_000_000  # lazy map memory: items of the generator
     only: tuple[str, ...] = ()  # measurements to run (empty: all)
 
     def runs(self, measurement: str) -> bool:
@@ -999,7 +1255,9 @@ def measure_throughput(system: System, cfg: Settings) -> dict[str, float]:
         t0 = time.perf_counter()
         system.pipelined(cfg.tasks, cfg.window, cfg.budget)
         wall = time.perf_counter() - t0
-    return {"tasks_per_s": cfg.tasks / wall, "seconds": wall, "tasks": cfg.tasks, **cpu.per_task_us(cfg.tasks)}
+    result = {"tasks_per_s": cfg.tasks / wall, "seconds": wall, "tasks": cfg.tasks, **cpu.per_task_us(cfg.tasks)}
+    system.throughput = result
+    return result
 
 
 def measure_round_trip(system: System, cfg: Settings) -> dict[str, float]:
@@ -1012,12 +1270,15 @@ def measure_round_trip(system: System, cfg: Settings) -> dict[str, float]:
 MEASUREMENTS: dict[str, Callable[[System, Settings], dict[str, float]]] = {
     "throughput": measure_throughput,
     "round_trip": measure_round_trip,
+    "batch_map": measure_batch_map,
 }
 #: zlink-only measurements that start and stop their own processes: function(settings) -> figures.
 #: They run after the compared systems in each repeat (with neither up) and fill the zlink column.
 SOLO_MEASUREMENTS: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "failure_detection": measure_failure_detection,
     "idle_broker": measure_idle_broker,
+    "parallel_speedup": measure_parallel_speedup,
+    "map_memory": measure_map_memory,
 }
 #: the systems compared, in the order they run; each is a context manager that starts and stops its processes
 SYSTEMS: dict[str, Callable[[Settings], System]] = {
@@ -1025,11 +1286,15 @@ SYSTEMS: dict[str, Callable[[Settings], System]] = {
     "zlink": lambda cfg: ZlinkSwarm(cfg.workers, cfg.slots, cfg.prefetch),
 }
 #: figures echoed on stderr as each run finishes
-BRIEF_KEYS = ("tasks_per_s", "p50_ms", "p99_ms", "median_s", "max_s", "cpu_pct", "kib_per_node")
+BRIEF_KEYS = (
+    "tasks_per_s", "p50_ms", "p99_ms", "median_s", "max_s", "cpu_pct", "kib_per_node",
+    "wall_s", "ratio", "client_growth_mb", "broker_growth_mb",
+)  # fmt: skip
 #: which systems each measurement of MEASUREMENTS runs on (a zlink-only figure on the swarm lists only "zlink")
 MEASURED_ON: dict[str, tuple[str, ...]] = {
     "throughput": ("raw", "zlink"),
     "round_trip": ("raw", "zlink"),
+    "batch_map": ("raw", "zlink"),
 }
 
 
@@ -1086,6 +1351,33 @@ ROWS: list[Row] = [
     Row("idle_broker", "rss_mib_empty", "broker RSS, no node (MiB)", "{:,.1f}"),
     Row("idle_broker", "rss_mib", "broker RSS, {nodes} idle nodes (MiB)", "{:,.1f}"),
     Row("idle_broker", "kib_per_node", "broker memory per idle node (KiB)", "{:,.1f}"),
+    Row("parallel_speedup", "ratio", "parallel: {par} x 50 ms, 4x8 slots, wall/ideal", "{:,.3f}", limit=1.15, unit="x"),
+    Row("parallel_speedup", "wall_s", "  wall (s)", "{:,.3f}"),
+    Row("parallel_speedup", "ideal_s", "  ideal {par} x 0.05 / 32 (s)", "{:,.3f}"),
+    Row("parallel_speedup", "speedup", "  speed-up over one slot (x)", "{:,.1f}", higher_is_better=True),
+    Row(
+        "batch_map",
+        "tasks_per_s",
+        "batched map (tasks/s, {batch}, window {bwindow})",
+        "{:,.0f}",
+        higher_is_better=True,
+        target=2.0,
+    ),
+    Row("batch_map", "relay_cpu_us_per_task", "  relay/broker CPU per task (us)", "{:,.1f}"),
+    Row("batch_map", "worker_cpu_us_per_task", "  worker/node CPU per task (us)", "{:,.1f}"),
+    Row("batch_map", "client_cpu_us_per_task", "  client CPU per task (us)", "{:,.1f}"),
+    Row(
+        "map_memory",
+        "client_growth_mb",
+        "lazy map of {items} items: client RSS growth (MB)",
+        "{:,.1f}",
+        limit=100,
+        unit=" MB",
+        strict=True,
+    ),
+    Row("map_memory", "broker_growth_mb", "  broker RSS growth (MB)", "{:,.1f}", limit=100, unit=" MB", strict=True),
+    Row("map_memory", "node_growth_mb", "  node RSS growth, largest (MB)", "{:,.1f}"),
+    Row("map_memory", "tasks_per_s", "  lazy map tasks/s (window 1,000)", "{:,.0f}", higher_is_better=True),
 ]
 
 
@@ -1147,7 +1439,11 @@ def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]], cfg: Settings) -
         ok = row.meets(ratio, zl_v)
         verdict = "-" if ok is None else "PASS" if ok else "MISS"
         rows.append({
-            "metric": row.label.format(tasks=short_count(cfg.tasks), nodes=cfg.idle_nodes),
+            "metric": row.label.format(
+                tasks=short_count(cfg.tasks), nodes=cfg.idle_nodes, par=cfg.par_tasks,
+                batch=short_count(cfg.batch_tasks), bwindow=short_count(cfg.batch_window),
+                items=short_count(cfg.mem_items),
+            ),
             "measurement": row.measurement,
             "key": row.key,
             "raw": raw_v,
@@ -1164,6 +1460,8 @@ def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]], cfg: Settings) -
 
 
 def short_count(n: int) -> str:
+    if n >= 1_000_000 and n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
     return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"{n:,}"
 
 
@@ -1252,13 +1550,15 @@ def settings_text(cfg: Settings) -> str:
         f"{cfg.workers} workers/nodes ({cfg.slots} slots, prefetch {prefetch} per zlink node), window {cfg.window:,}, "
         f"{cfg.tasks:,} pipelined tasks, {cfg.rtt:,} sequential round trips, warm-up {cfg.warmup:,}; "
         f"{cfg.kills} node kills; {cfg.idle_nodes} idle nodes in {cfg.idle_procs} helper process(es), "
-        f"broker CPU over {cfg.idle_seconds:g} s; {cfg.pick} of {cfg.repeat} run(s) per figure"
+        f"broker CPU over {cfg.idle_seconds:g} s; parallel speed-up {cfg.par_tasks:,} x 50 ms on "
+        f"{PAR_NODES} nodes x {PAR_SLOTS} slots; batched map {cfg.batch_tasks:,} tasks, window {cfg.batch_window:,}; "
+        f"lazy map {cfg.mem_items:,} items, window 1,000; {cfg.pick} of {cfg.repeat} run(s) per figure"
         + (f"; only {', '.join(cfg.only)}" if cfg.only else "")
     )
 
 
-#: how the zlink-only figures are measured, printed under the table and in the markdown
-SOLO_NOTES = {
+#: how the figures of zlink alone and of the parallel API are measured, printed under the table and in the markdown
+NOTES = {
     "failure_detection": (
         "kill -9: a broker with default heartbeats (0.5 s x 3) and {fd} nodes (1 slot, no prefetch), {busy} of them "
         "running a long task; each round SIGKILLs the node running one task (at a random point of its heartbeat "
@@ -1274,14 +1574,39 @@ SOLO_NOTES = {
         "Memory per node = (RSS with them - RSS with none) / nodes. The per-thread split and the wake-ups "
         "(voluntary context switches) come from /proc/PID/task."
     ),
+    "parallel_speedup": (
+        "parallel speed-up: a broker and {par_nodes} nodes started with --slots {par_slots} (default prefetch) on a "
+        "swarm of their own; after a warm-up map of two waves, client.map('wait50', range({par})) (each task sleeps "
+        "50 ms; default window 1,000, so all are in flight) is timed to its last result. Ideal = {par} x 0.05 s / "
+        "{par_total} slots; the target is wall <= 1.15x that. Whole waves alone need "
+        "ceil({par}/{par_total}) x 50 ms."
+    ),
+    "batch_map": (
+        "batched map: client.map('noop', range({batch}), window={bwindow}) on the shared swarm ({workers} nodes, "
+        "{slots} slots, {prefetch} prefetch), after a warm-up map, consumed and checked as results come; the raw "
+        "relay figure is its per-message throughput (pipelined requests, window {window:,}) in the same run: the "
+        "throughput run's ({tasks} requests) when it ran, otherwise measured alone over {raw_tasks} requests. The "
+        "target is zlink >= 2x the raw relay."
+    ),
+    "map_memory": (
+        "lazy map memory: a swarm of its own ({workers} nodes); after a warm-up map and gc.collect(), "
+        "client.map('noop', generator of {items:,} ints) with the default window (1,000), consumed and checked "
+        "item by item, nothing kept. VmRSS of this process (the client) and of the broker, from /proc/PID/status, "
+        "sampled every 0.5 s in a thread; growth = peak - value just before the map, in MB (10^6 bytes)."
+    ),
 }
 
 
-def solo_notes(rows: list[dict[str, Any]]) -> list[str]:
+def measurement_notes(rows: list[dict[str, Any]], cfg: Settings) -> list[str]:
     shown = {r["measurement"] for r in rows}
-    return [
-        note.format(fd=FD_NODES, busy=FD_NODES - 1) for m, note in SOLO_NOTES.items() if m in shown
-    ]  # fmt: skip
+    fields = {
+        "fd": FD_NODES, "busy": FD_NODES - 1, "par": cfg.par_tasks, "par_nodes": PAR_NODES, "par_slots": PAR_SLOTS,
+        "par_total": PAR_NODES * PAR_SLOTS, "batch": f"{cfg.batch_tasks:,}", "bwindow": f"{cfg.batch_window:,}",
+        "workers": cfg.workers, "slots": cfg.slots, "prefetch": "adaptive" if cfg.prefetch is None else cfg.prefetch,
+        "tasks": f"{cfg.tasks:,}", "window": cfg.window, "items": cfg.mem_items,
+        "raw_tasks": f"{max(cfg.tasks, RAW_MIN_TASKS):,}",
+    }  # fmt: skip
+    return [note.format(**fields) for m, note in NOTES.items() if m in shown]
 
 
 def markdown(rows: list[dict[str, Any]], m: dict[str, Any], cfg: Settings, cmd: str) -> str:
@@ -1302,7 +1627,7 @@ def markdown(rows: list[dict[str, Any]], m: dict[str, Any], cfg: Settings, cmd: 
         f"- Load average at start: {' '.join(str(x) for x in m['load_avg'])}",
         f"- Settings: {settings_text(cfg)}",
         f"- Reproduce: `{cmd}`",
-        *(f"- {note[0].upper()}{note[1:]}" for note in solo_notes(rows)),
+        *(f"- {note[0].upper()}{note[1:]}" for note in measurement_notes(rows, cfg)),
         "",
         "| metric | raw relay | zlink | ratio | target | |",
         "|---|---:|---:|---:|---:|---|",
@@ -1325,7 +1650,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="small counts for a smoke test (2,000 tasks, 300 round trips, 5 kills, idle CPU over 5 s)",
+        help="small counts for a smoke test (2,000 tasks, 300 round trips, 5 kills, idle CPU over 5 s, "
+        "batched map of 20,000, lazy map of 100,000)",
     )
     ap.add_argument("--tasks", type=int, default=None, help="pipelined tasks for throughput (default 10,000)")
     ap.add_argument("--rtt", type=int, default=None, help="sequential round trips for latency (default 2,000)")
@@ -1358,6 +1684,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--idle-procs", type=int, default=4, help="idle broker: helper processes for the idle nodes (default 4)"
     )
+    ap.add_argument(
+        "--par-tasks", type=int, default=400, help="parallel speed-up: 50 ms tasks on 4 nodes x 8 slots (default 400)"
+    )
+    ap.add_argument(
+        "--batch-tasks", type=int, default=None, help="batched map: no-op tasks in one map (default 100,000)"
+    )
+    ap.add_argument("--batch-window", type=int, default=10_000, help="batched map: tasks in flight (default 10,000)")
+    ap.add_argument(
+        "--mem-items", type=int, default=None, help="lazy map memory: items of the generator (default 1,000,000)"
+    )
     every = [*MEASUREMENTS, *SOLO_MEASUREMENTS]
     ap.add_argument(
         "--only",
@@ -1368,7 +1704,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None, metavar="FILE", help="write every figure as JSON")
     ap.add_argument("--markdown", type=Path, default=None, metavar="FILE", help="write the table as a markdown section")
     args = ap.parse_args(argv)
-    for name in ("tasks", "rtt", "warmup", "window", "workers", "slots", "repeat", "kills", "idle_nodes", "idle_procs"):
+    positive = (
+        "tasks", "rtt", "warmup", "window", "workers", "slots", "repeat", "kills", "idle_nodes", "idle_procs",
+        "par_tasks", "batch_tasks", "batch_window", "mem_items",
+    )  # fmt: skip
+    for name in positive:
         v = getattr(args, name)
         if v is not None and v < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -1402,6 +1742,10 @@ def main(argv: list[str] | None = None) -> int:
         idle_nodes=args.idle_nodes,
         idle_seconds=args.idle_seconds or (5.0 if args.quick else 10.0),
         idle_procs=args.idle_procs,
+        par_tasks=args.par_tasks,
+        batch_tasks=args.batch_tasks or (20_000 if args.quick else 100_000),
+        batch_window=args.batch_window,
+        mem_items=args.mem_items or (100_000 if args.quick else 1_000_000),
         only=args.only,
     )
     # SIGTERM unwinds through the finally blocks like Ctrl-C, so no child process is left behind
@@ -1433,7 +1777,7 @@ def main(argv: list[str] | None = None) -> int:
         *table_lines(rows),
         "",
         "ratio = zlink / raw relay; rows without a raw relay figure are zlink's alone, with absolute targets",
-        *solo_notes(rows),
+        *measurement_notes(rows, cfg),
         f"total {time.monotonic() - started:.1f} s",
     ]
     print("\n".join(lines))
