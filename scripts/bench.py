@@ -13,9 +13,17 @@ of a node running a long task to that task's re-dispatch, 20 times) and a
 broker's CPU and memory with 200 idle nodes (simulated cheaply in a few helper
 processes, each node with its own key and connections).
 
+Three figures are about the parallel API (``client.map``): the speed-up of 400
+tasks of 50 ms each on 4 nodes x 8 slots against the ideal 0.625 s (a swarm of
+its own); a batched map of 100,000 no-op tasks against the raw relay's
+per-message throughput of the same run (the shared swarm); and the memory of a
+lazy map over a generator of 1,000,000 items: this process's and the broker's
+RSS growth (a swarm of its own).
+
     python scripts/bench.py --quick               # smoke test, well under a minute
     python scripts/bench.py                       # 10,000 tasks, 2,000 round trips, 20 kills, 10 s idle
     python scripts/bench.py --only failure_detection,idle_broker
+    python scripts/bench.py --only parallel_speedup,batch_map,map_memory
     python scripts/bench.py --repeat 3 --json /tmp/bench.json --markdown /tmp/bench.md
 
 Each measurement is one function returning a dict; the printed table is built
@@ -987,7 +995,6 @@ PAR_SLOTS = 8  # ...with this many slots each
 PAR_WAIT_S = 0.05  # what the ``wait50`` skill sleeps
 MEM_SAMPLE_S = 0.5  # lazy map memory: how often RSS is sampled
 MB = 1e6  # memory figures are in MB (10^6 bytes), as the target is stated
-RAW_MIN_TASKS = 10_000  # batched map: the raw relay's figure, when measured for it alone, is over at least this
 
 
 def check_map(results: Iterator[Any], n: int, progress: list[int] | None = None) -> None:
@@ -1076,8 +1083,9 @@ def measure_batch_map(system: System, cfg: Settings) -> dict[str, float]:
     """Batched ``client.map`` throughput, against the raw relay's per-message throughput.
 
     On the raw relay: the throughput run's figures if it ran on this relay
-    (same run), otherwise that measurement now, with at least
-    :data:`RAW_MIN_TASKS` tasks (a --quick run's 2,000 take under 0.1 s). On zlink (the shared swarm: 2
+    (same run), otherwise that measurement now over as many requests as the
+    map has tasks (10,000 requests take 0.2 s: one burst of noise on a shared
+    machine moves such a short figure by 2x). On zlink (the shared swarm: 2
     nodes, their default slots and prefetch): a warm-up, then
     ``client.map("noop", range(cfg.batch_tasks), window=cfg.batch_window)``
     consumed as the results come.
@@ -1085,7 +1093,7 @@ def measure_batch_map(system: System, cfg: Settings) -> dict[str, float]:
     if isinstance(system, RawRelay):
         if system.throughput is not None:
             return {**system.throughput, "reused": 1.0}
-        own = replace(cfg, tasks=max(cfg.tasks, RAW_MIN_TASKS))
+        own = replace(cfg, tasks=max(cfg.tasks, cfg.batch_tasks))
         return {**measure_throughput(system, own), "reused": 0.0}
     n, window = cfg.batch_tasks, cfg.batch_window
     budget = max(cfg.budget, n / 2000)  # at least 2,000 tasks/s before the run counts as stuck
@@ -1604,7 +1612,7 @@ def measurement_notes(rows: list[dict[str, Any]], cfg: Settings) -> list[str]:
         "par_total": PAR_NODES * PAR_SLOTS, "batch": f"{cfg.batch_tasks:,}", "bwindow": f"{cfg.batch_window:,}",
         "workers": cfg.workers, "slots": cfg.slots, "prefetch": "adaptive" if cfg.prefetch is None else cfg.prefetch,
         "tasks": f"{cfg.tasks:,}", "window": cfg.window, "items": cfg.mem_items,
-        "raw_tasks": f"{max(cfg.tasks, RAW_MIN_TASKS):,}",
+        "raw_tasks": f"{max(cfg.tasks, cfg.batch_tasks):,}",
     }  # fmt: skip
     return [note.format(**fields) for m, note in NOTES.items() if m in shown]
 
@@ -1617,9 +1625,10 @@ def markdown(rows: list[dict[str, Any]], m: dict[str, Any], cfg: Settings, cmd: 
         "loop that only routes by id, or the zlink broker), worker processes (DEALER echo workers, or "
         "`zlink node` processes running `scripts/bench_skills.py`) and one client in the benchmark process. "
         "The ratio is zlink / raw relay. The CPU rows are the user + system CPU time each process used during "
-        "the throughput run, divided by the tasks (clock-tick resolution: 10 ms over the whole run); "
-        "they show where the time goes, they have no target. The rows with no raw relay figure are zlink's "
-        "alone (failure detection, a broker with idle nodes); their targets are absolute.",
+        "the throughput run (or the batched map), divided by the tasks (clock-tick resolution: 10 ms over the "
+        "whole run); they show where the time goes, they have no target. The rows with no raw relay figure are "
+        "zlink's alone (failure detection, a broker with idle nodes, the parallel speed-up, a lazy map's memory); "
+        "their targets are absolute.",
         "",
         f"- Machine: {m['cores']} cores ({m['usable_cores']} usable), {m['cpu_model']}, {m['os']}",
         f"- Software: Python {m['python']}, pyzmq {m['pyzmq']}, libzmq {m['libzmq']}, zlink {m['zlink']}"
