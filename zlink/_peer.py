@@ -417,6 +417,10 @@ class PeerLink(ABC):
         self.on_message(msg, frames[1:])
 
     def _on_welcome(self, msg: P.Welcome) -> None:
+        if self.welcome is not None and msg.epoch == self.epoch:
+            # the answer to a HELLO resent while the broker was away: we are
+            # registered already, and re-running on_welcome would resubmit again
+            return
         new_epoch = self.epoch is not None and msg.epoch != self.epoch
         self.epoch = msg.epoch
         self.welcome = msg

@@ -460,6 +460,14 @@ class Client(PeerLink):
         try:
             return fut.result(timeout)
         except cf.TimeoutError:
+
+            def forget() -> None:
+                try:
+                    self._status_waiters.remove(fut)
+                except ValueError:
+                    pass
+
+            self.call_soon(forget)
             raise TaskTimeout(f"the broker did not answer STATUS within {timeout:g} s") from None
 
     def __enter__(self) -> Client:
@@ -503,13 +511,15 @@ class Client(PeerLink):
 
     def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
         self.max_tasks = welcome.max_tasks
+        for _ in self._status_waiters:  # asked of a broker that went away: ask again
+            self.send(P.Status())
         if self._cancel_backlog:
             backlog, self._cancel_backlog = self._cancel_backlog, set()
             if not new_epoch:  # a new broker never heard of them
                 self.send(P.Cancel(tids=tuple(backlog)))
         if self._pending:
             # after a reconnect or a broker restart: the broker drops duplicates
-            self._send_tasks(list(self._pending.values()))
+            self._send_tasks(list(self._pending.values()), resubmit=True)
 
     def on_poll(self) -> None:
         out = self._outgoing
@@ -528,7 +538,7 @@ class Client(PeerLink):
         if self.welcome is not None:
             self._send_tasks(batch)
 
-    def _send_tasks(self, pends: list[_Pending]) -> None:
+    def _send_tasks(self, pends: list[_Pending], *, resubmit: bool = False) -> None:
         limit = max(1024, self.max_message_size // 2)
         i = 0
         while i < len(pends):
@@ -550,7 +560,7 @@ class Client(PeerLink):
                 frames.append(p.payload)
                 size += len(p.payload) + 64
             if specs:
-                self.send(P.Submit(tasks=tuple(specs)), frames)
+                self.send(P.Submit(tasks=tuple(specs), resubmit=resubmit), frames)
 
     def on_message(self, msg: P.Message, frames: list[zmq.Frame]) -> None:
         t = type(msg)

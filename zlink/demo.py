@@ -29,6 +29,28 @@ from .security import BrokerHome
 __all__ = ["LocalSwarm", "run_demo"]
 
 
+def _free_port_triple(low: int = 20_000, high: int = 32_000) -> int:
+    """A port P with P, P+1 and P+2 free on 127.0.0.1 (best effort)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randrange(low, high - 2)
+        socks = []
+        try:
+            for p in (port, port + 1, port + 2):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise ConnectError("found no three consecutive free ports on 127.0.0.1")
+
+
 class LocalSwarm:
     """A broker and nodes as child processes on 127.0.0.1, with a temporary home.
 
@@ -48,7 +70,9 @@ class LocalSwarm:
     def start_broker(self, timeout: float = 15.0) -> str:
         bh = BrokerHome(self.home)
         bh.config_file.unlink(missing_ok=True)
-        bind = self.endpoint or "tcp://127.0.0.1:*"
+        # three consecutive free ports below the kernel's ephemeral range, so that a
+        # restart can bind the very same ones (ephemeral ports get reused by others)
+        bind = self.endpoint or f"tcp://127.0.0.1:{_free_port_triple()}"
         self.broker = self._spawn(
             [
                 "broker",

@@ -201,6 +201,12 @@ def _v_record(make: Callable[..., _T], *validators: Validator) -> Validator:
     return check
 
 
+def _v_bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise _bad("expected a boolean")
+    return v
+
+
 _v_name = _v_str(MAX_NAME)
 _v_id = _v_bytes(MAX_ID)
 _v_keys = _v_list(_v_str(256), MAX_KEYS)
@@ -389,8 +395,13 @@ class Submit(Message):
     COMMAND: ClassVar[str] = "SUBMIT"
     FRAMES: ClassVar[str | None] = "items"
     tasks: tuple[TaskSpec, ...]
+    #: these tasks were submitted before (to this broker or a previous one)
+    resubmit: bool = False
 
-    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("tasks", _v_list(_v_taskspec)),)
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
+        ("tasks", _v_list(_v_taskspec)),
+        ("resubmit", _v_bool),
+    )
 
     def payload_count(self) -> int:
         return len(self.tasks)

@@ -288,6 +288,11 @@ class Scheduler:
         #: (tid, attempt, node session) -> cancelled task whose node still runs it:
         #: its keys stay held until the node answers or dies
         self.key_zombies: dict[tuple[bytes, int, bytes], Task] = {}
+        #: resubmitted tasks held for the first node timeout after this broker
+        #: started, while nodes of a previous broker come back (see _on_submit)
+        self._held: list[Task] = []
+        # nodes notice a new broker from its beacon (one interval) and say HELLO
+        self._restart_grace_end = now + self.config.node_timeout + 2 * self.config.heartbeat_interval
         self._now = now
         self._last_tick = now
 
@@ -317,6 +322,8 @@ class Scheduler:
     def next_wakeup(self) -> float:
         """When the next :class:`Tick` is due (deadlines, liveness checks)."""
         soon = self._last_tick + self.config.heartbeat_interval / 4
+        if self._held:
+            soon = min(soon, self._restart_grace_end)
         while self.deadlines and self.deadlines[0][1] not in self.tasks:
             heapq.heappop(self.deadlines)
         if self.deadlines:
@@ -548,6 +555,12 @@ class Scheduler:
                     continue
             if spec.timeout is not None:
                 heapq.heappush(self.deadlines, (deadline, tid))
+            if msg.resubmit and now < self._restart_grace_end:
+                # a young broker: the node that ran this task under the previous
+                # broker may not have re-registered yet; give it the chance to
+                # adopt it (no second run) before dispatching it anywhere
+                self._held.append(task)
+                continue
             if spec.reads or spec.writes:
                 self._gate(task)
                 if task.gated:
@@ -659,6 +672,8 @@ class Scheduler:
 
     def _on_tick(self) -> None:
         now = self._last_tick = self._now
+        if self._held and now >= self._restart_grace_end:
+            self._release_held()
         dl = self.deadlines
         while dl and dl[0][0] <= now:
             deadline, tid = heapq.heappop(dl)
@@ -889,6 +904,21 @@ class Scheduler:
             zombie = self.key_zombies.pop((tid, attempt, node.session), None)
             if zombie is not None:
                 self._drop_keys(zombie)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        touched: set[str] = set()
+        for task in held:
+            if self.tasks.get(task.tid) is not task or task.state != QUEUED:
+                continue  # adopted by a returning node, cancelled or timed out meanwhile
+            if task.reads or task.writes:
+                self._gate(task)
+                if task.gated:
+                    continue
+            self.queues.setdefault(task.skill, deque()).append(task)
+            touched.add(task.skill)
+        for skill in touched:
+            self._pump(skill)
 
     def _fence_release(self, tid: bytes) -> None:
         entry = self.fence.get(tid)

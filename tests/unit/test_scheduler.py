@@ -1715,3 +1715,33 @@ def test_a_cancelled_writer_whose_node_dies_releases_its_key() -> None:
     out = sim.tick(NODE_TIMEOUT + 0.5)  # a (running the cancelled w1) died
     assert started(out) == [b"w2"]
     assert sim.s.key_zombies == {}
+
+
+def test_a_young_broker_holds_resubmissions_for_returning_nodes() -> None:
+    # after a broker restart, a client may resubmit before the node that still runs
+    # the task has re-registered: the task must wait for it, not run twice
+    sim = Sim()
+    sim.client(b"c1")
+    sim.node(b"other")
+    spec = P.TaskSpec(b"T", "echo")
+    out = sim.send(b"c1", P.Submit(tasks=(spec,), resubmit=True), [Payload("T")], now=0.1)
+    assert out.dispatched(b"other") == []
+    out = sim.node(b"late", running=((b"T", 1),))  # the node that ran it comes back
+    assert out.dispatched(b"late") == []
+    out = sim.result(b"late", b"T", 1)
+    assert [i.tid for i, _ in out.results(b"c1")] == [b"T"]
+
+
+def test_held_resubmissions_go_out_when_the_grace_ends() -> None:
+    sim = Sim()
+    sim.client(b"c1")
+    sim.node(b"n1", slots=2)
+    spec = P.TaskSpec(b"T", "echo")
+    sim.send(b"c1", P.Submit(tasks=(spec,), resubmit=True), [Payload("T")], now=0.1)
+    assert sim.s.next_wakeup() <= NODE_TIMEOUT
+    sim.beat(b"n1", now=NODE_TIMEOUT)
+    out = sim.tick(NODE_TIMEOUT)
+    assert [i.tid for i, _ in out.dispatched(b"n1")] == [b"T"]
+    # and a first submission is never held
+    out = sim.send(b"c1", P.Submit(tasks=(P.TaskSpec(b"U", "echo"),)), [Payload("U")])
+    assert [i.tid for i, _ in out.dispatched(b"n1")] == [b"U"]
