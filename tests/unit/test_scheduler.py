@@ -1738,9 +1738,12 @@ def test_held_resubmissions_go_out_when_the_grace_ends() -> None:
     sim.node(b"n1", slots=2)
     spec = P.TaskSpec(b"T", "echo")
     sim.send(b"c1", P.Submit(tasks=(spec,), resubmit=True), [Payload("T")], now=0.1)
-    assert sim.s.next_wakeup() <= NODE_TIMEOUT
-    sim.beat(b"n1", now=NODE_TIMEOUT)
-    out = sim.tick(NODE_TIMEOUT)
+    grace = NODE_TIMEOUT + 2 * CONFIG.heartbeat_interval
+    assert sim.s.next_wakeup() <= grace
+    sim.beat(b"n1", now=grace - 0.1)
+    assert sim.tick(grace - 0.1).dispatched(b"n1") == []
+    sim.beat(b"n1", now=grace)
+    out = sim.tick(grace)
     assert [i.tid for i, _ in out.dispatched(b"n1")] == [b"T"]
     # and a first submission is never held
     out = sim.send(b"c1", P.Submit(tasks=(P.TaskSpec(b"U", "echo"),)), [Payload("U")])
