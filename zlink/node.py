@@ -469,6 +469,8 @@ class Node(PeerLink):
     def on_message(self, msg: P.Message, frames: list[zmq.Frame]) -> None:
         t = type(msg)
         if t is P.Dispatch:
+            for tid in msg.acks:  # type: ignore[attr-defined]
+                self._unacked.pop(tid, None)
             for item, payload in zip(msg.tasks, frames, strict=True):  # type: ignore[attr-defined]
                 tid = item.tid
                 held = self._running.get(tid)

@@ -414,8 +414,13 @@ class Dispatch(Message):
     COMMAND: ClassVar[str] = "DISPATCH"
     FRAMES: ClassVar[str | None] = "items"
     tasks: tuple[DispatchItem, ...]
+    #: results of this node the broker now holds (an ACK riding along)
+    acks: tuple[bytes, ...] = ()
 
-    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("tasks", _v_list(_v_dispatch_item)),)
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
+        ("tasks", _v_list(_v_dispatch_item)),
+        ("acks", _v_list(_v_id)),
+    )
 
     def payload_count(self) -> int:
         return len(self.tasks)

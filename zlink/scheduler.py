@@ -280,6 +280,7 @@ class Scheduler:
         self._dispatch: dict[Node, tuple[list[P.DispatchItem], list[Any]]] = {}
         self._results: dict[Client, tuple[list[P.ResultItem], list[Any]]] = {}
         self._acks: dict[Node, list[bytes]] = {}
+        self._ack_all = False
         #: read/write keys: key -> [running readers, running writers (0/1)]
         self.key_holders: dict[str, list[int]] = {}
         #: key -> tasks waiting for it, in submission order
@@ -672,6 +673,7 @@ class Scheduler:
 
     def _on_tick(self) -> None:
         now = self._last_tick = self._now
+        self._ack_all = True
         if self._held and now >= self._restart_grace_end:
             self._release_held()
         dl = self.deadlines
@@ -1011,19 +1013,24 @@ class Scheduler:
 
     def _flush(self) -> list[Send]:
         out = self._out
+        acks = self._acks
         if self._dispatch:
             for node, (items, frames) in self._dispatch.items():
-                out.append(Send(node.route, P.Dispatch(tasks=tuple(items)), frames))
+                ride = acks.pop(node, None)  # acknowledgements ride along for free
+                out.append(Send(node.route, P.Dispatch(tasks=tuple(items), acks=tuple(ride or ())), frames))
             self._dispatch = {}
-        if self._acks:
-            for node, tids in self._acks.items():
-                if tids and node.alive:
-                    out.append(Send(node.route, P.Ack(tids=tuple(tids))))
-            self._acks = {}
-        if self._results:
+        if self._results:  # results before acks: they are what someone waits for
             for client, (results, rframes) in self._results.items():
                 out.append(Send(client.route, P.Result(results=tuple(results)), rframes))
             self._results = {}
+        if acks and (self._ack_all or any(len(t) >= 1000 for t in acks.values())):
+            # the rest go on their own, but not on the hot path: at the next tick
+            # (a node holds an unacknowledged result a little longer, that is all)
+            for node, tids in acks.items():
+                if tids and node.alive:
+                    out.append(Send(node.route, P.Ack(tids=tuple(tids))))
+            self._acks = {}
+        self._ack_all = False
         self._out = []
         return out
 

@@ -1530,16 +1530,24 @@ TestSchedulerMachine = SchedulerMachine.TestCase
 
 
 def acks(out: Out, route: bytes) -> list[bytes]:
-    return [tid for m in out.to(route) if type(m) is P.Ack for tid in m.tids]
+    """Acknowledgements to a node: in an ACK, or riding along a DISPATCH."""
+    got = [tid for m in out.to(route) if type(m) is P.Ack for tid in m.tids]
+    return got + [tid for m in out.to(route) if type(m) is P.Dispatch for tid in m.acks]
+
+
+def acked(sim: Sim, out: Out, route: bytes) -> list[bytes]:
+    """What reaches the node by the next tick (standalone ACKs wait for it)."""
+    return acks(out, route) + acks(sim.tick(sim.now), route)
 
 
 def test_every_final_result_is_acknowledged_even_a_stale_one() -> None:
     sim = setup()
     _, (tid,), _ = sim.submit(b"c1")
     out = sim.result(b"n1", tid, 1)
-    assert acks(out, b"n1") == [tid]
+    assert acks(out, b"n1") == [], "not on the hot path: the ACK waits for a DISPATCH or the tick"
+    assert acked(sim, out, b"n1") == [tid]
     out = sim.result(b"n1", tid, 1)  # a duplicate: discarded, but the node may forget it
-    assert acks(out, b"n1") == [tid] and out.results(b"c1") == []
+    assert acked(sim, out, b"n1") == [tid] and out.results(b"c1") == []
 
 
 def test_node_reconnect_without_a_task_requeues_it_without_a_death() -> None:
@@ -1568,7 +1576,7 @@ def test_result_that_arrives_before_the_resubmission_waits_as_an_orphan() -> Non
     sim.node(b"n1", running=((b"T", 1),))
     answer = Payload("answer")
     out = sim.result(b"n1", b"T", 1, frame=answer)
-    assert acks(out, b"n1") == [b"T"]  # the broker holds it now
+    assert acked(sim, out, b"n1") == [b"T"]  # the broker holds it now
     assert b"T" in sim.s.orphans
     sim.client(b"c1")
     out, _, _ = sim.submit(b"c1", tids=[b"T"])
@@ -1608,7 +1616,7 @@ def test_drain_stops_dispatch_and_returned_tasks_are_requeued_for_free() -> None
     assert out.dispatched(b"a") == [] and [i.tid for i, _ in out.dispatched(b"b")] == [t3]
     out = sim.result(b"a", t2, 1, Outcome.RETURNED)
     assert [(i.tid, i.attempt) for i, _ in out.dispatched(b"b")] == [(t2, 2)]
-    assert acks(out, b"a") == [t2] and out.results(b"c1") == []
+    assert acked(sim, out, b"a") == [t2] and out.results(b"c1") == []
     assert sim.s.counters["lost"] == 0
     out = sim.result(b"a", t1, 1)
     assert [i.tid for i, _ in out.results(b"c1")] == [t1]
@@ -1748,3 +1756,12 @@ def test_held_resubmissions_go_out_when_the_grace_ends() -> None:
     # and a first submission is never held
     out = sim.send(b"c1", P.Submit(tasks=(P.TaskSpec(b"U", "echo"),)), [Payload("U")])
     assert [i.tid for i, _ in out.dispatched(b"n1")] == [b"U"]
+
+
+def test_acks_ride_along_the_next_dispatch() -> None:
+    sim = setup(nodes={b"n1": {"slots": 1, "prefetch": 0}})
+    _, (t1, t2), _ = sim.submit(b"c1", 2)
+    out = sim.result(b"n1", t1, 1)  # frees the slot: t2 goes out, with the ACK of t1
+    ((dispatch,),) = [[m for m in out.to(b"n1") if type(m) is P.Dispatch]]
+    assert [i.tid for i in dispatch.tasks] == [t2] and dispatch.acks == (t1,)
+    assert [m for m in out.to(b"n1") if type(m) is P.Ack] == []
