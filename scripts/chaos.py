@@ -37,7 +37,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -120,36 +119,6 @@ def work_runs(path: Path) -> dict[int, list[int]]:
         if len(parts) == 2 and parts[0].isdigit():
             runs.setdefault(int(parts[0]), []).append(int(parts[1]))
     return runs
-
-
-def fixed_ports(rng: random.Random) -> int:
-    """A port P with P, P+1, P+2 free, under the ephemeral range.
-
-    A restarted broker binds P+1 and P+2 for its side channels; if P came from
-    the ephemeral range, those may be held (or in TIME_WAIT) by any outgoing
-    connection on the host at restart time. Ports below the range are never
-    handed out for outgoing connections.
-    """
-    low = 20000
-    try:
-        low = min(low, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) - 3000)
-    except (OSError, ValueError, IndexError):
-        pass
-    for _ in range(500):
-        port = rng.randrange(max(10000, low - 10000), low)
-        socks: list[socket.socket] = []
-        try:
-            for p in (port, port + 1, port + 2):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise ConnectError("found no three free consecutive ports for the broker")
 
 
 def leftovers(markers: list[str]) -> list[int]:
@@ -256,7 +225,6 @@ class Chaos:
         os.environ["ZLINK_CHAOS_LOG"] = str(self.log)  # LocalSwarm copies os.environ at spawn
         if not self.args.verbose:
             logging.getLogger("zlink").setLevel(logging.ERROR)
-        self.swarm.endpoint = f"tcp://127.0.0.1:{fixed_ports(random.Random())}"
         self.start_broker()
         for _ in range(self.args.nodes):
             self.start_node()

@@ -29,14 +29,25 @@ from .security import BrokerHome
 __all__ = ["LocalSwarm", "run_demo"]
 
 
-def _free_port_triple(low: int = 20_000, high: int = 32_000) -> int:
-    """A port P with P, P+1 and P+2 free on 127.0.0.1 (best effort)."""
+def _free_port_triple() -> int:
+    """A port P with P, P+1 and P+2 free on 127.0.0.1, below the ephemeral range.
+
+    A restarted broker binds P+1 and P+2 again for its side channels; ports
+    from the ephemeral range may by then be held (or in TIME_WAIT) by any
+    outgoing connection on the host, ports below it are never handed out.
+    """
     import random
     import socket
 
-    for _ in range(200):
-        port = random.randrange(low, high - 2)
-        socks = []
+    low = 20_000
+    try:
+        first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        low = min(low, first - 3000)
+    except (OSError, ValueError, IndexError):
+        pass
+    for _ in range(500):
+        port = random.randrange(max(10_000, low - 10_000), low)
+        socks: list[socket.socket] = []
         try:
             for p in (port, port + 1, port + 2):
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

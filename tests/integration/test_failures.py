@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import collections
 import os
-import random
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -107,39 +105,6 @@ def _leftovers(markers: list[str]) -> list[tuple[int, str]]:
     return found
 
 
-def fixed_ports() -> int:
-    """A port P with P, P+1 and P+2 free, below the ephemeral range.
-
-    A restarted broker binds P+1 and P+2 for its side channels. Bound to an
-    ephemeral P the first time (``tcp://127.0.0.1:*``), those two ports are
-    ordinary ephemeral ports that any outgoing connection on the host may hold
-    (or leave in TIME_WAIT) when the restart comes: on a busy machine about one
-    restart in ten failed with EADDRINUSE. Ports under the ephemeral range are
-    never handed out for outgoing connections.
-    """
-    low = 20000
-    try:
-        low = min(low, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) - 3000)
-    except (OSError, ValueError, IndexError):
-        pass
-    rng = random.Random()
-    for _ in range(500):
-        port = rng.randrange(max(10000, low - 10000), low)
-        socks = []
-        try:
-            for p in (port, port + 1, port + 2):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no three free consecutive ports")
-
-
 class Rig:
     """One test's swarm: a CLI broker and CLI nodes serving skills_chaos.py, counting clients."""
 
@@ -159,9 +124,7 @@ class Rig:
         return self.swarm.broker
 
     def start_broker(self) -> str:
-        if not self.swarm.endpoint:  # the first start: fix the ports a restart will need
-            self.swarm.endpoint = f"tcp://127.0.0.1:{fixed_ports()}"
-        ep = self.swarm.start_broker()
+        ep = self.swarm.start_broker()  # LocalSwarm keeps the same ports across restarts
         self._procs.append(self.broker)
         return ep
 
