@@ -308,6 +308,14 @@ class Client(PeerLink):
         results instead of growing without limit; nothing is dropped.
         """
         end = None if timeout is None else time.monotonic() + timeout
+        if threading.current_thread() is self._thread and not self.has_room():
+            # e.g. submit() from a done-callback: waiting here would stop the very
+            # thread that frees room, forever
+            raise RejectedError(
+                f"this client holds {self._unresolved} unresolved tasks (the broker's bound); "
+                "submit from a future's callback cannot wait for room",
+                code="quota",
+            )
         with self._room:
             while self.max_tasks and self._unresolved >= self.max_tasks and not self.closed:
                 left = 0.5 if end is None else min(0.5, end - time.monotonic())
