@@ -47,11 +47,12 @@ import subprocess
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
@@ -277,7 +278,31 @@ def raw_worker_main(endpoint: str, server_public: bytes) -> None:
     ctx.destroy(linger=0)
 
 
-class RawRelay:
+_S = TypeVar("_S", bound="_System")
+
+
+class _System(ABC):
+    """A system under test: started on ``with`` entry (cleaned up if that fails), closed on exit."""
+
+    @abstractmethod
+    def _start(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self: _S) -> _S:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RawRelay(_System):
     """A raw relay process, ``workers`` echo worker processes and a DEALER client in this process."""
 
     name = "raw relay"
@@ -293,17 +318,6 @@ class RawRelay:
         self._seq = 0
         #: the figures of the last throughput run on this system (the batched map reuses them)
         self.throughput: dict[str, float] | None = None
-
-    def __enter__(self) -> RawRelay:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _start(self) -> None:
         mpc = mp.get_context("spawn")
@@ -409,7 +423,7 @@ class RawRelay:
 # =========================================================================== zlink
 
 
-class ZlinkSwarm:
+class ZlinkSwarm(_System):
     """``LocalSwarm``: the CLI broker, ``workers`` CLI nodes on bench_skills.py, a Client in this process."""
 
     name = "zlink"
@@ -426,17 +440,6 @@ class ZlinkSwarm:
         self.relay_pid = 0
         self.worker_pids: list[int] = []
         self.throughput: dict[str, float] | None = None
-
-    def __enter__(self) -> ZlinkSwarm:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _start(self) -> None:
         from zlink import Client

@@ -55,7 +55,7 @@ import zmq  # noqa: E402
 
 import zlink  # noqa: E402
 from zlink import protocol as P  # noqa: E402
-from zlink.demo import LocalSwarm  # noqa: E402
+from zlink.demo import LocalSwarm, processes_mentioning  # noqa: E402
 from zlink.errors import ConnectError, ZlinkError  # noqa: E402
 
 SKILLS = ROOT / "tests" / "integration" / "skills_chaos.py"
@@ -119,22 +119,6 @@ def work_runs(path: Path) -> dict[int, list[int]]:
         if len(parts) == 2 and parts[0].isdigit():
             runs.setdefault(int(parts[0]), []).append(int(parts[1]))
     return runs
-
-
-def leftovers(markers: list[str]) -> list[int]:
-    """Live processes (not this one) whose command line or environment mentions a marker."""
-    found = []
-    wanted = [m.encode() for m in markers]
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            blob = Path(f"/proc/{entry}/cmdline").read_bytes() + Path(f"/proc/{entry}/environ").read_bytes()
-        except OSError:
-            continue
-        if any(m in blob for m in wanted):
-            found.append(int(entry))
-    return found
 
 
 def spread(values: list[float]) -> dict[str, Any]:
@@ -240,22 +224,8 @@ class Chaos:
                     c.close(timeout=2)
                 except Exception:  # cleanup must go on
                     pass
-        procs = list(self.swarm.procs)
-        for p in procs:  # a stopped process must run again to die cleanly
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-        for p in procs:
-            if p is not self.swarm.broker and p.poll() is None:
-                p.kill()
-        self.swarm.close()  # SIGTERM to the broker, kill after 5 s
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-        left = leftovers([str(self.tmp)])
+        self.swarm.close(kill=True)  # resumes stopped nodes, kills them, stops the broker
+        left = [pid for pid, _ in processes_mentioning(str(self.tmp))]
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -581,7 +581,7 @@ class Client(PeerLink):
                         try:
                             pend.future._on_partial(P.unpack_value(frame.buffer))
                         except RemoteProtocolError as exc:
-                            log.warning("dropped an unreadable partial result of %s (%s)", item.tid.hex(), exc.code)
+                            log.warning("dropped an unreadable partial of task %s (%s)", item.tid.hex(), exc.code)
                     continue
                 pend = pending.pop(item.tid, None)
                 if pend is None:

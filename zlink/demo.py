@@ -26,7 +26,7 @@ from .client import Client
 from .errors import ConnectError
 from .security import BrokerHome
 
-__all__ = ["LocalSwarm", "run_demo"]
+__all__ = ["LocalSwarm", "processes_mentioning", "run_demo"]
 
 
 def _free_port_triple() -> int:
@@ -60,6 +60,27 @@ def _free_port_triple() -> int:
             for s in socks:
                 s.close()
     raise ConnectError("found no three consecutive free ports on 127.0.0.1")
+
+
+def processes_mentioning(*markers: str) -> list[tuple[int, str]]:
+    """Live processes (not this one) whose command line or environment mentions a marker.
+
+    Returns (pid, command line) pairs: tests and the chaos script use it to prove
+    that nothing they started is left behind.
+    """
+    found = []
+    wanted = [m.encode() for m in markers]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            env = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if any(m in cmd or m in env for m in wanted):
+            found.append((int(entry), cmd.replace(b"\0", b" ").decode(errors="replace")[:200]))
+    return found
 
 
 class LocalSwarm:
@@ -147,10 +168,21 @@ class LocalSwarm:
             time.sleep(0.1)
         raise ConnectError(f"only {len(st.get('nodes', []))} of {count} nodes joined in time")
 
-    def close(self) -> None:
+    def close(self, *, kill: bool = False) -> None:
+        """Stop every process (nodes first, then the broker) and remove the home.
+
+        Stopped (SIGSTOP) processes are resumed first so that they can exit;
+        ``kill=True`` kills the nodes outright instead of letting them drain.
+        """
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
         for p in reversed(self.procs):
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+                if kill and p is not self.broker:
+                    p.kill()
+                else:
+                    p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 5
         for p in self.procs:
             try:

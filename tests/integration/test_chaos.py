@@ -10,30 +10,17 @@ run is left behind.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from zlink.demo import processes_mentioning
+
 from .conftest import REPO, clean_env
 
 CHAOS = REPO / "scripts" / "chaos.py"
-
-
-def _alive_mentioning(marker: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            blob = Path(f"/proc/{entry}/cmdline").read_bytes() + Path(f"/proc/{entry}/environ").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in blob:
-            found.append(int(entry))
-    return found
 
 
 @pytest.mark.timeout(150)
@@ -63,5 +50,5 @@ def test_reduced_chaos_run(tmp_path: Path) -> None:
     rejoined = [s["rejoined_after"] for s in report["conts_detail"]]
     assert all(t is not None and t < 8.0 for t in rejoined), report["conts_detail"]
     assert report["restarts_detail"][0]["nodes_back_after"] is not None, report["restarts_detail"]
-    assert _alive_mentioning(report["workdir"]) == []
+    assert processes_mentioning(report["workdir"]) == []
     assert not Path(report["workdir"]).exists()

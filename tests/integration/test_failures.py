@@ -36,7 +36,7 @@ import zmq
 
 import zlink
 from zlink import protocol as P
-from zlink.demo import LocalSwarm
+from zlink.demo import LocalSwarm, processes_mentioning
 
 from .conftest import node_by_name, wait_for
 from .skills_chaos import read_log, work_runs
@@ -88,23 +88,6 @@ class CountingClient(zlink.Client):
                 assert self.deliveries[f.tid] <= 1, f"{f!r}: {self.deliveries[f.tid]} final results on the wire"
 
 
-def _leftovers(markers: list[str]) -> list[tuple[int, str]]:
-    """Live processes (not this one) whose command line or environment mentions a marker."""
-    found = []
-    wanted = [m.encode() for m in markers]
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-            env = Path(f"/proc/{entry}/environ").read_bytes()
-        except OSError:
-            continue
-        if any(m in cmd or m in env for m in wanted):
-            found.append((int(entry), cmd.replace(b"\0", b" ").decode(errors="replace")[:200]))
-    return found
-
-
 class Rig:
     """One test's swarm: a CLI broker and CLI nodes serving skills_chaos.py, counting clients."""
 
@@ -114,7 +97,6 @@ class Rig:
         self.swarm = LocalSwarm(home=self.home)
         self.nodes: dict[str, subprocess.Popen[bytes]] = {}
         self.clients: list[CountingClient] = []
-        self._procs: list[subprocess.Popen[bytes]] = []
 
     # ------------------------------------------------------------------ processes
 
@@ -125,7 +107,6 @@ class Rig:
 
     def start_broker(self) -> str:
         ep = self.swarm.start_broker()  # LocalSwarm keeps the same ports across restarts
-        self._procs.append(self.broker)
         return ep
 
     def kill_broker(self) -> None:
@@ -135,7 +116,6 @@ class Rig:
     def node(self, name: str, *, slots: int = 2, prefetch: int | None = None) -> subprocess.Popen[bytes]:
         proc = self.swarm.start_node(str(SKILLS), slots=slots, prefetch=prefetch, name=name)
         self.nodes[name] = proc
-        self._procs.append(proc)
         return proc
 
     def client(self, name: str = "client") -> CountingClient:
@@ -170,19 +150,8 @@ class Rig:
     def close(self) -> None:
         for c in self.clients:
             c.close(timeout=2)
-        procs = list(self._procs)
-        for p in procs:  # a stopped process must run again to die cleanly
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-        for p in procs:
-            if p is not self.swarm.broker and p.poll() is None:
-                p.kill()
-        self.swarm.close()  # SIGTERM to the broker, kill after 5 s
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(5)
-        left = _leftovers([str(self.home), str(self.log)])
+        self.swarm.close(kill=True)  # resumes stopped nodes, kills them, stops the broker
+        left = processes_mentioning(str(self.home), str(self.log))
         for pid, _ in left:
             try:
                 os.kill(pid, signal.SIGKILL)
