@@ -830,16 +830,21 @@ class Scheduler:
         for key in self._keys(task):
             held = self.key_holders.setdefault(key, [0, 0])
             held[1 if key in task.writes else 0] += 1
-            waiting = self.key_waiting.get(key)
-            if waiting is not None and task.gated:
-                try:
-                    waiting.remove(task)
-                except ValueError:
-                    pass
-                if not waiting:
-                    del self.key_waiting[key]
+            if task.gated:
+                self._leave_line(key, task)
         task.gated = False
         task.holds = True
+
+    def _leave_line(self, key: str, task: Task) -> None:
+        """Take a task out of the queue of tasks waiting for ``key``."""
+        waiting = self.key_waiting.get(key)
+        if waiting is not None:
+            try:
+                waiting.remove(task)
+            except ValueError:
+                pass
+            if not waiting:
+                del self.key_waiting[key]
 
     def _drop_keys(self, task: Task) -> None:
         for key in self._keys(task):
@@ -850,14 +855,7 @@ class Scheduler:
                     if held[0] <= 0 and held[1] <= 0:
                         del self.key_holders[key]
             elif task.gated:
-                waiting = self.key_waiting.get(key)
-                if waiting is not None:
-                    try:
-                        waiting.remove(task)
-                    except ValueError:
-                        pass
-                    if not waiting:
-                        del self.key_waiting[key]
+                self._leave_line(key, task)
             self._rescan.add(key)
         task.holds = task.gated = False
 
