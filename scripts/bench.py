@@ -284,6 +284,9 @@ _S = TypeVar("_S", bound="_System")
 class _System(ABC):
     """A system under test: started on ``with`` entry (cleaned up if that fails), closed on exit."""
 
+    relay_pid: int
+    worker_pids: list[int]
+
     @abstractmethod
     def _start(self) -> None: ...
 
@@ -300,6 +303,10 @@ class _System(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def cpu_meter(self) -> CpuMeter:
+        """CPU of the relay (or broker) process and the worker (or node) processes."""
+        return CpuMeter(self.relay_pid, self.worker_pids)
 
 
 class RawRelay(_System):
@@ -416,9 +423,6 @@ class RawRelay(_System):
                 raise BenchError(f"raw relay round trips over their time budget ({len(out):,}/{n:,})")
         return out
 
-    def cpu_meter(self) -> CpuMeter:
-        return CpuMeter(self.relay_pid, self.worker_pids)
-
 
 # =========================================================================== zlink
 
@@ -510,9 +514,6 @@ class ZlinkSwarm(_System):
             if time.monotonic() > deadline:
                 raise BenchError(f"zlink round trips over their time budget ({len(out):,}/{n:,})")
         return out
-
-    def cpu_meter(self) -> CpuMeter:
-        return CpuMeter(self.relay_pid, self.worker_pids)
 
 
 System = RawRelay | ZlinkSwarm
