@@ -480,7 +480,8 @@ class ZlinkSwarm(_System):
     def pipelined(self, n: int, window: int, budget: float) -> None:
         with self._guard(budget) as fired:
             try:
-                got = list(self.client.map("noop", range(n), window=window))
+                # batch=1: one task per item, the per-task path (the batched row measures batches)
+                got = list(self.client.map("noop", range(n), window=window, batch=1))
             except Exception as exc:
                 if fired.is_set():
                     raise BenchError(f"zlink map over its time budget of {budget:g} s") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import functools
 import heapq
 import itertools
 import logging
@@ -24,15 +25,13 @@ from typing import Any, Final
 import zmq
 
 from . import protocol as P
+from ._batch import Batch, MapPlan, outcome_error
 from ._peer import PeerLink
 from ._progress import Progress
 from .errors import (
     ClosedError,
     RejectedError,
-    RemoteError,
     RemoteProtocolError,
-    TaskCancelled,
-    TaskLost,
     TaskTimeout,
     ZlinkError,
 )
@@ -56,6 +55,8 @@ class TaskFuture(cf.Future[Any]):
         self.skill = skill
         #: called on the client's I/O thread with each partial result (streams)
         self._on_partial: Callable[[Any], None] | None = None
+        #: bytes of the result payload (batched maps size their batches by it)
+        self._nbytes = 0
 
     @property
     def task_id(self) -> str:
@@ -141,26 +142,11 @@ def _resolve(fut: cf.Future[Any], value: Any = None, exc: BaseException | None =
 
 
 def _outcome_error(status: int, payload: Any, tid: bytes) -> ZlinkError:
-    task_id = tid.hex()
-    if status == Outcome.ERROR:
-        try:
-            value = P.unpack_value(payload)
-            rtype, rmsg, rtb = str(value[0]), str(value[1]), str(value[2])
-            node = str(value[3]) if len(value) > 3 else None
-        except (RemoteProtocolError, TypeError, IndexError, KeyError):
-            return RemoteError("UnknownError", "the node sent an unreadable error", task_id=task_id)
-        return RemoteError(rtype, rmsg, rtb, task_id=task_id, node=node)
     try:
-        text = str(P.unpack_value(payload))
+        value = P.unpack_value(payload)
     except RemoteProtocolError:
-        text = ""
-    if status == Outcome.TIMEOUT:
-        return TaskTimeout(text or "task timed out", task_id=task_id)
-    if status == Outcome.LOST:
-        return TaskLost(text or "task lost", task_id=task_id)
-    if status == Outcome.CANCELLED:
-        return TaskCancelled(text or "task cancelled", task_id=task_id)
-    return RejectedError(f"task {task_id} rejected: {text}", code="rejected")
+        value = None
+    return outcome_error(status, value, tid)
 
 
 class Client(PeerLink):
@@ -267,6 +253,22 @@ class Client(PeerLink):
         writes: Iterable[str],
         on_partial: Callable[[Any], None] | None,
     ) -> TaskFuture:
+        payload = P.pack_value([args, kwargs] if kwargs else [args])
+        return self._enqueue(skill, payload, timeout, max_attempts, tuple(reads), tuple(writes), on_partial)
+
+    def _enqueue(
+        self,
+        skill: str,
+        payload: bytes,
+        timeout: float | None,
+        max_attempts: int,
+        reads: tuple[str, ...] = (),
+        writes: tuple[str, ...] = (),
+        on_partial: Callable[[Any], None] | None = None,
+        *,
+        wait: bool = True,
+    ) -> TaskFuture:
+        """Queue one task with an encoded payload (``wait=False``: the caller waited for room)."""
         if self.closed:
             raise ClosedError("this client is closed")
         if not isinstance(skill, str) or not skill or len(skill) > P.MAX_NAME:
@@ -275,7 +277,6 @@ class Client(PeerLink):
             raise ValueError("timeout must be a positive number of seconds or None")
         if not 1 <= max_attempts <= 100:
             raise ValueError("max_attempts must be between 1 and 100")
-        payload = P.pack_value([args, kwargs] if kwargs else [args])
         if len(payload) > self.max_message_size - 4096:
             raise RejectedError(
                 f"task arguments are {len(payload)} bytes; the broker accepts at most "
@@ -283,11 +284,12 @@ class Client(PeerLink):
                 code="too-large",
             )
         tid = self.session + next(self._counter).to_bytes(8, "big")
-        spec = P.TaskSpec(tid, skill, timeout, max_attempts, tuple(reads), tuple(writes))
+        spec = P.TaskSpec(tid, skill, timeout, max_attempts, reads, writes)
         fut = TaskFuture(self, tid, skill)
         fut._on_partial = on_partial
         if self.max_tasks:
-            self.wait_room()
+            if wait:
+                self.wait_room()
             with self._room:
                 self._unresolved += 1
             fut.add_done_callback(self._free_room)
@@ -347,6 +349,7 @@ class Client(PeerLink):
         max_attempts: int = 3,
         progress: bool = False,
         unpack: bool = False,
+        batch: int | None = None,
     ) -> Iterator[Any]:
         """Run ``skill(item)`` for every item; yield results as they arrive.
 
@@ -357,13 +360,16 @@ class Client(PeerLink):
         error; leaving the loop early cancels the tasks still in flight.
         ``progress=True`` draws a progress bar on stderr; ``unpack=True`` calls
         ``skill(*item)`` (like :func:`itertools.starmap`).
+
+        Fast items travel in batches: ``batch=None`` (the default) starts with
+        one item per task and grows batches of consecutive items until one
+        takes about 2 ms on a node; ``batch=1`` sends every item as its own
+        task; ``batch=N`` fixes the size. ``timeout`` bounds each item.
         """
-        if window < 1:
-            raise ValueError("window must be at least 1")
         total = len(iterable) if progress and hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
         bar = Progress(total, label=f"{skill} tasks") if progress else None
         calls = ((skill, tuple(item) if unpack else (item,)) for item in iterable)
-        return self._map(calls, timeout, max_attempts, window, ordered, bar)
+        return self._map(calls, timeout, max_attempts, window, ordered, bar, batch)
 
     def map_reduce(
         self,
@@ -377,6 +383,7 @@ class Client(PeerLink):
         max_attempts: int = 3,
         progress: bool = False,
         unpack: bool = False,
+        batch: int | None = None,
     ) -> Any:
         """Fan out over ``items``, then run ``reduce_skill(results)`` once and return its result.
 
@@ -394,8 +401,25 @@ class Client(PeerLink):
             total = len(items) * len(skills)  # type: ignore[arg-type]
         bar = Progress(total, label="tasks") if progress else None
         calls = ((s, tuple(item) if unpack else (item,)) for item in items for s in skills)
-        results = list(self._map(calls, timeout, max_attempts, window, ordered, bar))
+        results = list(self._map(calls, timeout, max_attempts, window, ordered, bar, batch))
         return self.submit(reduce_skill, results, timeout=timeout, max_attempts=max_attempts).result()
+
+    def _plan(
+        self,
+        calls: Iterator[tuple[str, tuple[Any, ...]]],
+        timeout: float | None,
+        window: int,
+        ordered: bool,
+        batch: int | None,
+    ) -> MapPlan:
+        return MapPlan(
+            calls, window=window, ordered=ordered, batch=batch, timeout=timeout, limit=self.max_message_size - 4096
+        )
+
+    def _submit_batch(self, plan: MapPlan, b: Batch, max_attempts: int, *, wait: bool = True) -> TaskFuture:
+        fut = self._enqueue(b.skill, b.payload, plan.batch_timeout(b), max_attempts, wait=wait)
+        b.future, b.payload = fut, b""
+        return fut
 
     def _map(
         self,
@@ -405,50 +429,54 @@ class Client(PeerLink):
         window: int,
         ordered: bool,
         bar: Progress | None,
+        batch: int | None = None,
     ) -> Iterator[Any]:
-        inflight: deque[TaskFuture] = deque()
-        unordered: set[TaskFuture] = set()
-        done_q: deque[TaskFuture] = deque()
+        plan = self._plan(calls, timeout, window, ordered, batch)
+        done_q: deque[Batch] = deque()  # unordered: finished batches
         ready = threading.Condition()
 
-        def on_done(f: cf.Future[Any]) -> None:
-            with ready:
-                done_q.append(f)  # type: ignore[arg-type]
-                ready.notify()
-
         def refill() -> None:
-            while len(inflight) + len(unordered) < window:
-                try:
-                    skill, args = next(calls)
-                except StopIteration:
-                    return
-                fut = self.submit(skill, *args, timeout=timeout, max_attempts=max_attempts)
-                if ordered:
-                    inflight.append(fut)
-                else:
-                    unordered.add(fut)
-                    fut.add_done_callback(on_done)
+            for b in plan.take():
+                fut = self._submit_batch(plan, b, max_attempts)
+                if not ordered:
+                    fut.add_done_callback(functools.partial(on_done, b))
+
+        def on_done(b: Batch, _fut: object) -> None:
+            with ready:
+                done_q.append(b)
+                ready.notify()
 
         try:
             refill()
-            while inflight or unordered:
-                if ordered:
-                    fut = inflight.popleft()
-                    value = fut.result()
-                else:
+            if ordered:
+                while (cell := plan.next_cell()) is not None:
+                    b, i = cell
+                    if b.outcomes is None:
+                        cf.wait((b.future,))
+                    ok, value = plan.decode(b)[i]
+                    plan.consumed()
+                    if bar is not None:
+                        bar.advance()
+                    refill()
+                    if not ok:
+                        raise value
+                    yield value
+            else:
+                while not plan.finished:
                     with ready:
                         while not done_q:
                             ready.wait()
-                        fut = done_q.popleft()
-                    unordered.discard(fut)
-                    value = fut.result()
-                if bar is not None:
-                    bar.advance()
-                refill()
-                yield value
+                        b = done_q.popleft()
+                    for ok, value in plan.decode(b):
+                        plan.consumed()
+                        if bar is not None:
+                            bar.advance()
+                        refill()
+                        if not ok:
+                            raise value
+                        yield value
         finally:
-            for f in (*inflight, *unordered):
-                f.cancel()
+            plan.cancel_all()
             if bar is not None:
                 bar.close()
 
@@ -587,6 +615,7 @@ class Client(PeerLink):
                 if pend is None:
                     continue  # a duplicate (resubmission raced a result): first one won
                 if item.status == Outcome.OK:
+                    pend.future._nbytes = len(frame)
                     try:
                         _resolve(pend.future, P.unpack_value(frame.buffer))
                     except RemoteProtocolError as exc:
@@ -724,54 +753,53 @@ class AsyncClient:
         max_attempts: int = 3,
         progress: bool = False,
         unpack: bool = False,
+        batch: int | None = None,
     ) -> AsyncIterator[Any]:
         """Async generator with the same semantics as :meth:`Client.map`."""
-        if window < 1:
-            raise ValueError("window must be at least 1")
         client = self.client
-        it = iter(iterable)
         total = len(iterable) if progress and hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
         bar = Progress(total, label=f"{skill} tasks") if progress else None
-        inflight: deque[asyncio.Future[Any]] = deque()  # ordered
-        done_q: asyncio.Queue[asyncio.Future[Any]] = asyncio.Queue()  # unordered
-        futs: dict[asyncio.Future[Any], TaskFuture] = {}
-
+        calls = ((skill, tuple(item) if unpack else (item,)) for item in iterable)
+        plan = client._plan(calls, timeout, window, ordered, batch)
+        done_q: asyncio.Queue[Batch] = asyncio.Queue()  # unordered
         loop = asyncio.get_running_loop()
 
         async def refill() -> None:
-            while len(futs) < window:
+            for b in plan.take():
                 while not client.has_room():  # wait for room without blocking the loop
                     await loop.run_in_executor(None, client.wait_room)
-                try:
-                    item = next(it)
-                except StopIteration:
-                    return
-                args = tuple(item) if unpack else (item,)
-                tf = client.submit(skill, *args, timeout=timeout, max_attempts=max_attempts)
-                af = asyncio.wrap_future(tf)
-                futs[af] = tf
-                if ordered:
-                    inflight.append(af)
-                else:
-                    af.add_done_callback(done_q.put_nowait)
+                fut = client._submit_batch(plan, b, max_attempts, wait=False)
+                if not ordered:
+                    fut.add_done_callback(functools.partial(on_done, b))
+
+        def on_done(b: Batch, _fut: object) -> None:
+            loop.call_soon_threadsafe(done_q.put_nowait, b)
+
+        async def outcomes(b: Batch) -> list[tuple[bool, Any]]:
+            if b.outcomes is None:
+                await asyncio.wait((asyncio.wrap_future(b.future),))
+            return plan.decode(b)
 
         try:
             await refill()
-            while futs:
+            while not plan.finished:
                 if ordered:
-                    af = inflight.popleft()
-                    value = await af
+                    cell = plan.next_cell()
+                    if cell is None:
+                        break
+                    batch_outs = [(await outcomes(cell[0]))[cell[1]]]
                 else:
-                    af = await done_q.get()
-                    value = af.result()
-                futs.pop(af, None)
-                if bar is not None:
-                    bar.advance()
-                await refill()
-                yield value
+                    batch_outs = await outcomes(await done_q.get())
+                for ok, value in batch_outs:
+                    plan.consumed()
+                    if bar is not None:
+                        bar.advance()
+                    await refill()
+                    if not ok:
+                        raise value
+                    yield value
         finally:
-            for tf in futs.values():
-                tf.cancel()
+            plan.cancel_all()
             if bar is not None:
                 bar.close()
 

@@ -31,6 +31,7 @@ from typing import Any, TypeVar, overload
 import zmq
 
 from . import protocol as P
+from ._batch import ITEM_ERROR, ITEM_OK, ITEM_TIMEOUT, pack_batch_result, parse_batch
 from ._peer import PeerLink, curve_client, tune_reconnect, with_port
 from .errors import ConfigError, RemoteProtocolError, ZlinkError
 from .protocol import Outcome
@@ -216,11 +217,22 @@ class _Job:
         self.ctx = ctx
 
 
-def _error_payload(exc: BaseException, node: str) -> bytes:
+def _error_value(exc: BaseException, node: str) -> list[str]:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     t = type(exc)
     type_name = t.__qualname__ if t.__module__ in ("builtins", "__main__") else f"{t.__module__}.{t.__qualname__}"
-    return P.pack_value([type_name, str(exc)[:10_000], tb[-20_000:], node])
+    return [type_name, str(exc)[:10_000], tb[-20_000:], node]
+
+
+def _as_task_error(exc: BaseException) -> BaseException:
+    """A skill that raises KeyboardInterrupt or SystemExit fails its task; it does not stop the node."""
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
+        return RuntimeError(f"skill raised {type(exc).__name__}")
+    return exc
+
+
+def _error_payload(exc: BaseException, node: str) -> bytes:
+    return P.pack_value(_error_value(exc, node))
 
 
 # --------------------------------------------------------------------------- the node
@@ -575,6 +587,9 @@ class Node(PeerLink):
             return Outcome.ERROR, _error_payload(LookupError(f"no skill {item.skill!r} on this node"), self.name)
         try:
             call = P.unpack_value(job.payload.buffer)
+            if type(call) is dict:
+                items, item_timeout = parse_batch(call)
+                return self._execute_batch(spec, ctx, items, item_timeout)
             if type(call) is not list or not 1 <= len(call) <= 2 or type(call[0]) is not list:
                 raise RemoteProtocolError("task payload is not [args, kwargs]", code="bad-payload")
             args = call[0]
@@ -584,34 +599,70 @@ class Node(PeerLink):
         except RemoteProtocolError as exc:
             return Outcome.ERROR, _error_payload(exc, self.name)
         try:
-            if spec.is_async:
-                result = self._run_async(spec, ctx, args, kwargs)
-            else:
-                token = _current.set(ctx)
-                try:
-                    result = spec.fn(*args, **kwargs)
-                    if spec.is_generator:
-                        result = self._drive(result, ctx)
-                finally:
-                    _current.reset(token)
+            result = self._call(spec, ctx, args, kwargs, partials=True)
             if ctx._cancelled:
                 return Outcome.CANCELLED, P.pack_value("cancelled")
             return Outcome.OK, P.pack_value(result)
         except BaseException as exc:  # the skill's failure is the client's to see
             if ctx._cancelled:
                 return Outcome.CANCELLED, P.pack_value("cancelled")
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                return Outcome.ERROR, _error_payload(RuntimeError(f"skill raised {type(exc).__name__}"), self.name)
-            return Outcome.ERROR, _error_payload(exc, self.name)
+            return Outcome.ERROR, _error_payload(_as_task_error(exc), self.name)
 
-    def _drive(self, gen: Any, ctx: TaskContext) -> Any:
+    def _call(
+        self, spec: SkillSpec, ctx: TaskContext, args: list[Any], kwargs: dict[str, Any], *, partials: bool
+    ) -> Any:
+        """Run the skill once in this worker thread; its exception propagates."""
+        if spec.is_async:
+            return self._run_async(spec, ctx, args, kwargs, partials)
+        token = _current.set(ctx)
+        try:
+            result = spec.fn(*args, **kwargs)
+            return self._drive(result, ctx, partials) if spec.is_generator else result
+        finally:
+            _current.reset(token)
+
+    def _execute_batch(
+        self, spec: SkillSpec, ctx: TaskContext, items: list[list[Any]], item_timeout: float | None
+    ) -> tuple[int, bytes]:
+        """Run a batched map's items one after another (see zlink/_batch.py): one outcome each."""
+        outs: list[list[Any]] = []
+        clock = time.perf_counter
+        start = clock()
+        fn = spec.fn
+        plain = not (spec.is_async or spec.is_generator)
+        token = _current.set(ctx)
+        try:
+            for args in items:
+                if ctx._cancelled:
+                    return Outcome.CANCELLED, P.pack_value("cancelled")
+                t0 = clock()
+                try:
+                    result = fn(*args) if plain else self._call(spec, ctx, args, {}, partials=False)
+                except BaseException as exc:
+                    if ctx._cancelled:
+                        return Outcome.CANCELLED, P.pack_value("cancelled")
+                    outs.append([ITEM_ERROR, _error_value(_as_task_error(exc), self.name)])
+                    continue
+                if item_timeout is not None and clock() - t0 > item_timeout:
+                    outs.append(
+                        [ITEM_TIMEOUT, f"item {len(outs)} of a batch ran over its timeout of {item_timeout:g} s"]
+                    )
+                else:
+                    outs.append([ITEM_OK, result])
+        finally:
+            _current.reset(token)
+        return Outcome.OK, pack_batch_result(clock() - start, outs, lambda e: _error_value(e, self.name))
+
+    def _drive(self, gen: Any, ctx: TaskContext, partials: bool = True) -> Any:
         """Run a generator skill: stream every yielded value; its return value is the result."""
         try:
             while True:
                 if ctx._cancelled:
                     gen.close()
                     return None
-                self._partial(ctx, next(gen))
+                value = next(gen)
+                if partials:
+                    self._partial(ctx, value)
         except StopIteration as stop:
             return stop.value
 
@@ -620,14 +671,17 @@ class Node(PeerLink):
         self._done.append((ctx._tid, ctx.attempt, Outcome.PARTIAL, payload))
         self._waker.wake()
 
-    def _run_async(self, spec: SkillSpec, ctx: TaskContext, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    def _run_async(
+        self, spec: SkillSpec, ctx: TaskContext, args: list[Any], kwargs: dict[str, Any], partials: bool = True
+    ) -> Any:
         assert self._loop is not None
 
         async def runner() -> Any:
             _current.set(ctx)
             if spec.is_generator:
                 async for value in spec.fn(*args, **kwargs):
-                    self._partial(ctx, value)
+                    if partials:
+                        self._partial(ctx, value)
                 return None
             return await spec.fn(*args, **kwargs)
 

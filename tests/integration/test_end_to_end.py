@@ -37,7 +37,8 @@ def _busy(client: zlink.Client) -> int:
 
 @pytest.mark.timeout(60)
 def test_map_1000_in_order_spread_over_both_nodes(swarm: LocalSwarm, client: zlink.Client) -> None:
-    results = list(client.map("square", range(1000), timeout=60))
+    # batch=1: one task per item, so the nodes' task counts can be checked against the items
+    results = list(client.map("square", range(1000), timeout=60, batch=1))
     assert results == [x * x for x in range(1000)]
     st = client.status()
     for name in NODES:
@@ -209,7 +210,7 @@ def test_in_process_broker_and_node(inproc_broker: zlink.Broker) -> None:
     node.start()
     try:
         with zlink.Client(invite(inproc_broker, "inproc-client", "client"), connect_timeout=15) as c:
-            assert list(c.map("cube", range(500), timeout=30)) == [x**3 for x in range(500)]
+            assert list(c.map("cube", range(500), timeout=30, batch=1)) == [x**3 for x in range(500)]
             assert c.submit("task_info").result(timeout=20) == ["task_info", 1, 32]
             assert c.submit("shout", "hi").result(timeout=20) == "HI"
             st = c.status()
