@@ -25,7 +25,7 @@ from typing import Any, Final
 import zmq
 
 from . import protocol as P
-from ._batch import Batch, MapPlan, outcome_error
+from ._batch import MAX_ITEMS, Batch, MapPlan, outcome_error
 from ._peer import PeerLink
 from ._progress import Progress
 from .errors import (
@@ -355,8 +355,8 @@ class Client(PeerLink):
 
         In input order by default (a slow item holds back only the items after
         it), or in completion order with ``ordered=False``. At most ``window``
-        tasks are in flight and the iterable is consumed lazily, so a generator
-        of a million items runs in flat memory. The first failed task raises its
+        items are in flight and the iterable is consumed lazily, so a generator
+        of a million items runs in flat memory. The first failed item raises its
         error; leaving the loop early cancels the tasks still in flight.
         ``progress=True`` draws a progress bar on stderr; ``unpack=True`` calls
         ``skill(*item)`` (like :func:`itertools.starmap`).
@@ -430,7 +430,9 @@ class Client(PeerLink):
         ordered: bool,
         bar: Progress | None,
         batch: int | None = None,
+        end: float | None = None,
     ) -> Iterator[Any]:
+        """The sync map driver; ``end`` (monotonic) is an overall deadline (``TimeoutError``)."""
         plan = self._plan(calls, timeout, window, ordered, batch)
         done_q: deque[Batch] = deque()  # unordered: finished batches
         ready = threading.Condition()
@@ -452,7 +454,7 @@ class Client(PeerLink):
                 while (cell := plan.next_cell()) is not None:
                     b, i = cell
                     if b.outcomes is None:
-                        cf.wait((b.future,))
+                        _result_by(b.future, end, wait_only=True)
                     ok, value = plan.decode(b)[i]
                     plan.consumed()
                     if bar is not None:
@@ -863,8 +865,14 @@ def _skill_name(fn: Callable[..., Any] | str) -> str:
     return name
 
 
-def _result_by(fut: cf.Future[Any], end: float | None) -> Any:
-    return fut.result(None if end is None else max(0.0, end - time.monotonic()))
+def _result_by(fut: cf.Future[Any], end: float | None, *, wait_only: bool = False) -> Any:
+    """``fut``'s result by the monotonic deadline ``end`` (``TimeoutError`` past it)."""
+    left = None if end is None else max(0.0, end - time.monotonic())
+    if wait_only:
+        if not cf.wait((fut,), left).done:
+            raise TimeoutError("Executor.map: the timeout passed")
+        return None
+    return fut.result(left)
 
 
 class Executor(cf.Executor):
@@ -916,31 +924,17 @@ class Executor(cf.Executor):
         """Like :meth:`concurrent.futures.Executor.map`: results in order, lazily windowed.
 
         ``timeout`` counts from this call, as in the standard library: the
-        iterator raises ``TimeoutError`` once it passes. ``chunksize`` is
-        accepted for compatibility (the client already batches).
+        iterator raises ``TimeoutError`` once it passes. Items travel in
+        adaptive batches (see :meth:`Client.map`); ``chunksize`` > 1 fixes the
+        batch size instead.
         """
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         skill = _skill_name(fn)
         end = None if timeout is None else time.monotonic() + timeout
-        calls = zip(*iterables, strict=False)
-        client = self._client
-        window = self._window
-
-        def gen() -> Iterator[Any]:
-            inflight: deque[TaskFuture] = deque()
-            try:
-                for args in calls:
-                    inflight.append(client._submit(skill, args, {}, None, 3, (), (), None))
-                    if len(inflight) >= window:
-                        yield _result_by(inflight.popleft(), end)
-                while inflight:
-                    yield _result_by(inflight.popleft(), end)
-            finally:
-                for f in inflight:
-                    f.cancel()
-
-        return gen()
+        calls = ((skill, args) for args in zip(*iterables, strict=False))
+        batch = None if chunksize <= 1 else min(chunksize, MAX_ITEMS)
+        return self._client._map(calls, None, 3, self._window, True, None, batch, end)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
