@@ -26,6 +26,7 @@ from .errors import (
     RejectedError,
     RemoteError,
     RemoteProtocolError,
+    SealError,
     TaskCancelled,
     TaskError,
     TaskLost,
@@ -33,6 +34,7 @@ from .errors import (
     ZlinkError,
 )
 from .node import Node, SkillSpec, TaskContext, current_task, skill
+from .seal import SealKey
 from .security import Join, KeyPair
 
 __version__ = "0.1.0"
@@ -54,6 +56,8 @@ __all__ = [
     "RejectedError",
     "RemoteError",
     "RemoteProtocolError",
+    "SealError",
+    "SealKey",
     "SkillSpec",
     "TaskCancelled",
     "TaskContext",

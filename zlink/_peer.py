@@ -26,7 +26,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as P
 from .errors import AuthenticationError, ClosedError, ConnectError, RemoteProtocolError, ZlinkError
-from .security import Join
+from .seal import SealKey
+from .security import Join, resolve_seal_key
 
 log = logging.getLogger("zlink.peer")
 
@@ -119,8 +120,11 @@ class PeerLink(ABC):
         connect_timeout: float,
         heartbeat_interval: float | None = None,
         liveness: int | None = None,
+        seal_key: SealKey | str | None = None,
     ) -> None:
         self.join = Join.from_env(join)
+        #: the swarm's payload key; None means this peer's payloads travel unsealed
+        self.seal_key = resolve_seal_key(seal_key, self.join)
         self.name = name or self.join.name or f"{socket.gethostname()}-{os.getpid()}"
         self.connect_timeout = connect_timeout
         self.session = os.urandom(8)

@@ -67,6 +67,28 @@ def join_option(fn: F) -> F:
     )(fn)
 
 
+def seal_key_option(fn: F) -> F:
+    return click.option(
+        "--seal-key",
+        "seal_key",
+        envvar="ZLINK_SEAL_KEY",
+        default=None,
+        help="The swarm's payload key: a key file or its text (default: the join string's, or $ZLINK_SEAL_KEY).",
+    )(fn)
+
+
+def _seal_notice(peer: Any, what: str) -> None:
+    """Say on stderr whether this peer's payloads are sealed end to end."""
+    if peer.seal_key is None:
+        click.echo(
+            f"zlink {what}: payloads are NOT sealed end to end: whoever runs the broker host can read them. "
+            "Make a key with 'zlink seal-key' on a trusted machine (see docs/security.md).",
+            err=True,
+        )
+    else:
+        click.echo(f"zlink {what}: payloads sealed end to end (seal key id {peer.seal_key.key_id})", err=True)
+
+
 def home_option(fn: F) -> F:
     return click.option(
         "--home",
@@ -248,6 +270,44 @@ def keygen(name: str, out: Path) -> None:
     _run_guarded(run)
 
 
+@main.command("seal-key")
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a new key to this file (0600)."
+)
+@click.option("--key", "key_from", default=None, help="An existing key (file or text) instead of a new one.")
+@click.option("--join", "join_text", default=None, help="Print this join string with the key added.")
+def seal_key(out: Path | None, key_from: str | None, join_text: str | None) -> None:
+    """Create the swarm's payload key, or add it to a join string.
+
+    Run it on a trusted machine, never on the broker host: the broker must not
+    hold this key. Every client and node of the swarm needs the same key, as
+    a file (--seal-key FILE or $ZLINK_SEAL_KEY) or inside its join string:
+
+    \b
+      zlink seal-key --out swarm.key                  # once
+      zlink seal-key --key swarm.key --join "$JOIN"   # per join string
+    """
+    from .seal import SealKey
+    from .security import Join, load_seal_key
+
+    def run() -> None:
+        key = load_seal_key(key_from) if key_from is not None else SealKey.generate()
+        if out is not None:
+            if key_from is not None:
+                raise ConfigError("--out writes a new key; it cannot be combined with --key")
+            try:
+                key.save(out)
+            except FileExistsError:
+                raise ConfigError(f"{out} exists; a seal key is never overwritten") from None
+            click.echo(f"wrote seal key {key.key_id} to {out} (readable only by you)", err=True)
+        if join_text is not None:
+            click.echo(Join.parse(join_text).with_seal_key(key).dump())
+        elif out is None:
+            click.echo(key.text())
+
+    _run_guarded(run)
+
+
 # --------------------------------------------------------------------------- peers
 
 
@@ -269,6 +329,7 @@ def keygen(name: str, out: Path) -> None:
 @click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
+@seal_key_option
 def node(
     join: str | None,
     skills: tuple[str, ...],
@@ -278,6 +339,7 @@ def node(
     heartbeat_interval: float | None,
     liveness: int | None,
     log_level: str,
+    seal_key: str | None,
 ) -> None:
     """Run a node serving the skills in a module (until Ctrl-C or SIGTERM)."""
     from .node import Node
@@ -289,8 +351,10 @@ def node(
     def run() -> None:
         n = Node(
             join, slots=slots, prefetch=prefetch, name=name,
-            heartbeat_interval=heartbeat_interval, liveness=liveness,
+            heartbeat_interval=heartbeat_interval, liveness=liveness, seal_key=seal_key,
         )  # fmt: skip
+        if log_level != "error":
+            _seal_notice(n, "node")
         n.add_skills(*skills)
         n.run()
 
@@ -329,7 +393,15 @@ def _jsonable(value: Any) -> Any:
 @click.argument("args_json", required=False)
 @click.option("--timeout", type=float, default=None, help="Seconds before the task fails with a timeout.")
 @click.option("--connect-timeout", type=float, default=10.0, show_default=True)
-def submit(join: str | None, skill: str, args_json: str | None, timeout: float | None, connect_timeout: float) -> None:
+@seal_key_option
+def submit(
+    join: str | None,
+    skill: str,
+    args_json: str | None,
+    timeout: float | None,
+    connect_timeout: float,
+    seal_key: str | None,
+) -> None:
     """Run one task and print its result as JSON.
 
     ARGS_JSON is a JSON array (positional arguments), an object (keyword
@@ -340,7 +412,9 @@ def submit(join: str | None, skill: str, args_json: str | None, timeout: float |
     args, kwargs = _parse_args(args_json)
 
     def run() -> Any:
-        with Client(join, connect_timeout=connect_timeout) as c:
+        with Client(join, connect_timeout=connect_timeout, seal_key=seal_key) as c:
+            if c.seal_key is None:
+                _seal_notice(c, "submit")
             return c.submit(skill, *args, timeout=timeout, **kwargs).result()
 
     result = _run_guarded(run)
@@ -372,13 +446,23 @@ def render_status(st: dict[str, Any]) -> str:
     lines.append(f"nodes ({len(nodes)}):")
     if nodes:
         w = max(4, *(len(n["name"]) for n in nodes))
-        lines.append(f"  {'NAME':<{w}}  {'SLOTS':>9}  {'SEEN':>6}  {'DONE':>8}  {'FAILED':>6}  SKILLS")
+        lines.append(f"  {'NAME':<{w}}  {'SLOTS':>9}  {'SEEN':>6}  {'DONE':>8}  {'FAILED':>6}  {'SEAL':<12}  SKILLS")
         for n in nodes:
             slots = f"{n['busy']}/{n['slots']}"
+            seal = n.get("seal") or "UNSEALED"
             lines.append(
                 f"  {n['name']:<{w}}  {slots:>9}  {n['last_seen']:>5.1f}s  {n['done']:>8}  {n['failed']:>6}  "
-                + ", ".join(n["skills"])
+                f"{seal:<12}  " + ", ".join(n["skills"])
             )
+    keys = st.get("seal_keys", [])
+    if keys == [""]:
+        lines.append("sealing: OFF: no node seals payloads; the broker host can read them (see 'zlink seal-key')")
+    elif "" in keys:
+        lines.append("sealing: MIXED: some nodes seal and some do not; tasks fail between them and other peers")
+    elif len(keys) > 1:
+        lines.append(f"sealing: MIXED: nodes hold different seal keys ({', '.join(keys)}); tasks fail across them")
+    elif keys:
+        lines.append(f"sealing: on (seal key id {keys[0]})")
     queued = st["queued"]
     lines.append("queued: " + (", ".join(f"{k}={v}" for k, v in sorted(queued.items())) if queued else "none"))
     c = st["counters"]

@@ -32,10 +32,12 @@ from .errors import (
     ClosedError,
     RejectedError,
     RemoteProtocolError,
+    SealError,
     TaskTimeout,
     ZlinkError,
 )
 from .protocol import Outcome
+from .seal import SEAL_OVERHEAD, ClientSealer, SealKey, is_sealed
 from .security import Join
 
 __all__ = ["AsyncClient", "Client", "Executor", "TaskFuture", "TaskStream"]
@@ -176,10 +178,11 @@ class Client(PeerLink):
         connect_timeout: float = 10.0,
         heartbeat_interval: float | None = None,
         liveness: int | None = None,
+        seal_key: SealKey | str | None = None,
     ) -> None:
         super().__init__(
             join, name=name, connect_timeout=connect_timeout,
-            heartbeat_interval=heartbeat_interval, liveness=liveness,
+            heartbeat_interval=heartbeat_interval, liveness=liveness, seal_key=seal_key,
         )  # fmt: skip
         self._counter = itertools.count(1)
         self._outgoing: deque[_Pending] = deque()
@@ -191,6 +194,10 @@ class Client(PeerLink):
         self._unresolved = 0
         self._room = threading.Condition()
         self._cancel_backlog: set[bytes] = set()
+        #: sealed payloads: tasks sealed for the nodes, results opened (None: unsealed swarm)
+        self._sealer = ClientSealer(self.seal_key) if self.seal_key is not None else None
+        #: results that failed to open (tampered, wrong seal key, unsealed in a sealed swarm)
+        self.seal_failures = 0
         self._connect()
 
     # ------------------------------------------------------------------ public API
@@ -277,13 +284,15 @@ class Client(PeerLink):
             raise ValueError("timeout must be a positive number of seconds or None")
         if not 1 <= max_attempts <= 100:
             raise ValueError("max_attempts must be between 1 and 100")
-        if len(payload) > self.max_message_size - 4096:
+        if len(payload) > self.max_message_size - 4096 - SEAL_OVERHEAD:
             raise RejectedError(
                 f"task arguments are {len(payload)} bytes; the broker accepts at most "
                 f"{self.max_message_size} per message",
                 code="too-large",
             )
         tid = self.session + next(self._counter).to_bytes(8, "big")
+        if self._sealer is not None:
+            payload = self._sealer.seal_task(tid, skill, payload)
         spec = P.TaskSpec(tid, skill, timeout, max_attempts, reads, writes)
         fut = TaskFuture(self, tid, skill)
         fut._on_partial = on_partial
@@ -413,8 +422,9 @@ class Client(PeerLink):
         batch: int | None,
     ) -> MapPlan:
         return MapPlan(
-            calls, window=window, ordered=ordered, batch=batch, timeout=timeout, limit=self.max_message_size - 4096
-        )
+            calls, window=window, ordered=ordered, batch=batch, timeout=timeout,
+            limit=self.max_message_size - 4096 - SEAL_OVERHEAD,
+        )  # fmt: skip
 
     def _submit_batch(self, plan: MapPlan, b: Batch, max_attempts: int, *, wait: bool = True) -> TaskFuture:
         fut = self._enqueue(b.skill, b.payload, plan.batch_timeout(b), max_attempts, wait=wait)
@@ -545,7 +555,10 @@ class Client(PeerLink):
                 self._release_room()
 
     def hello(self) -> P.Hello:
-        return P.Hello(name=self.name, role="client", session=self.session, epoch=self.epoch, agent="zlink-client")
+        return P.Hello(
+            name=self.name, role="client", session=self.session, epoch=self.epoch, agent="zlink-client",
+            seal=self.seal_key.key_id if self.seal_key is not None else "",
+        )  # fmt: skip
 
     def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
         self.max_tasks = welcome.max_tasks
@@ -604,26 +617,34 @@ class Client(PeerLink):
         t = type(msg)
         if t is P.Result:
             pending = self._pending
+            sealer = self._sealer
             for item, frame in zip(msg.results, frames, strict=True):  # type: ignore[attr-defined]
-                if item.status == Outcome.PARTIAL:
+                status = item.status
+                data: bytes | memoryview = frame.buffer
+                if status == Outcome.PARTIAL:
                     pend = pending.get(item.tid)
-                    if pend is not None and pend.future._on_partial is not None:
-                        try:
-                            pend.future._on_partial(P.unpack_value(frame.buffer))
-                        except RemoteProtocolError as exc:
-                            log.warning("dropped an unreadable partial of task %s (%s)", item.tid.hex(), exc.code)
+                    if pend is None or pend.future._on_partial is None:
+                        continue
+                    try:
+                        if sealer is not None:
+                            data = self._open(sealer, pend, item.attempt, status, data)
+                        pend.future._on_partial(P.unpack_value(data))
+                    except (RemoteProtocolError, SealError) as exc:
+                        log.warning("dropped a partial result of task %s: %s", item.tid.hex(), exc)
                     continue
                 pend = pending.pop(item.tid, None)
                 if pend is None:
                     continue  # a duplicate (resubmission raced a result): first one won
-                if item.status == Outcome.OK:
-                    pend.future._nbytes = len(frame)
-                    try:
-                        _resolve(pend.future, P.unpack_value(frame.buffer))
-                    except RemoteProtocolError as exc:
-                        _resolve(pend.future, exc=exc)
-                else:
-                    _resolve(pend.future, exc=_outcome_error(item.status, frame.buffer, item.tid))
+                try:
+                    if sealer is not None and (status == Outcome.OK or status == Outcome.ERROR):
+                        data = self._open(sealer, pend, item.attempt, status, data)
+                    if status == Outcome.OK:
+                        pend.future._nbytes = len(data)
+                        _resolve(pend.future, P.unpack_value(data))
+                    else:
+                        _resolve(pend.future, exc=_outcome_error(status, data, item.tid))
+                except (RemoteProtocolError, SealError) as exc:
+                    _resolve(pend.future, exc=exc)
         elif t is P.StatusReply:
             if self._status_waiters:
                 _resolve(self._status_waiters.popleft(), msg.status)  # type: ignore[attr-defined]
@@ -638,6 +659,26 @@ class Client(PeerLink):
                 _resolve(self._status_waiters.popleft(), exc=RejectedError(err.message, code=err.code))
             else:
                 log.warning("broker error %s: %s", err.code, err.message)
+
+    def _open(self, sealer: ClientSealer, pend: _Pending, attempt: int, status: int, data: bytes | memoryview) -> bytes:
+        """A sealed result's plaintext; counts and raises :class:`SealError` when it does not open."""
+        tid = pend.spec.tid
+        try:
+            return sealer.open_result(tid, pend.spec.skill, attempt, status, data)
+        except SealError as exc:
+            self.seal_failures += 1
+            err = exc
+            if status == Outcome.ERROR and not is_sealed(data):
+                # e.g. a node without the seal key; its words are shown, marked as unverified
+                reason = str(_outcome_error(status, data, tid))
+                err = SealError(
+                    f"task {tid.hex()} failed with an unsealed error (unverified: the broker could have "
+                    f"written it; this client's seal key id is {sealer.key.key_id}): {reason[:500]}",
+                    task_id=tid.hex(),
+                )
+            err.task_id = tid.hex()
+            log.warning("task %s: %s", tid.hex(), err)
+            raise err from None
 
     def on_tick(self, now: float) -> None:
         heap = self._deadlines
@@ -690,10 +731,11 @@ class AsyncClient:
         connect_timeout: float = 10.0,
         heartbeat_interval: float | None = None,
         liveness: int | None = None,
+        seal_key: SealKey | str | None = None,
     ) -> None:
         self._args: dict[str, Any] = dict(
             join=join, name=name, connect_timeout=connect_timeout,
-            heartbeat_interval=heartbeat_interval, liveness=liveness,
+            heartbeat_interval=heartbeat_interval, liveness=liveness, seal_key=seal_key,
         )  # fmt: skip
         self._client: Client | None = None
 

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 from .client import Client
 from .errors import ConnectError
+from .seal import SealKey
 from .security import BrokerHome
 
 __all__ = ["LocalSwarm", "processes_mentioning", "run_demo"]
@@ -90,8 +91,10 @@ class LocalSwarm:
     stopped and everything it writes is removed by :meth:`close`.
     """
 
-    def __init__(self, *, home: Path | None = None, broker_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, *, home: Path | None = None, broker_args: tuple[str, ...] = (), seal: bool = True) -> None:
         self._own_home = home is None
+        #: the swarm's payload key, put in every join string this swarm hands out (seal=False: none)
+        self.seal_key = SealKey.generate() if seal else None
         self.home = Path(home or tempfile.mkdtemp(prefix="zlink-demo-"))
         self.procs: list[subprocess.Popen[bytes]] = []
         self.broker: subprocess.Popen[bytes] | None = None
@@ -132,7 +135,8 @@ class LocalSwarm:
     def invite(self, role: str, name: str | None = None) -> str:
         self._names += 1
         nm = name or f"{role}-{self._names}"
-        return BrokerHome(self.home).invite(name=nm, role=role, endpoints=[self.endpoint]).dump()
+        join = BrokerHome(self.home).invite(name=nm, role=role, endpoints=[self.endpoint])
+        return join.with_seal_key(self.seal_key).dump()
 
     def start_node(
         self, skills: str, *, slots: int = 1, prefetch: int | None = None, name: str | None = None,
@@ -219,7 +223,11 @@ def run_demo(
     if not files:
         print(f"zlink demo: no Python files under {root}", file=sys.stderr)
         return 2
-    print(f"zlink demo: a broker and {nodes} node process(es) on 127.0.0.1, CurveZMQ with throw-away keys", file=out)
+    print(
+        f"zlink demo: a broker and {nodes} node process(es) on 127.0.0.1, CurveZMQ with throw-away keys, "
+        "payloads sealed end to end (the broker cannot read them)",
+        file=out,
+    )
     print(f"auditing {len(files):,} files under {root}: inspect, scan and docs per file, then one verify", file=out)
     out.flush()
     with LocalSwarm() as swarm:
@@ -240,7 +248,11 @@ def run_demo(
             st = client.status()
     print(audit.format_report(verify), file=out)
     spread = ", ".join(f"{n['name']} {n['done']:,}" for n in st["nodes"])
-    print(f"\nswarm: {wall:.2f} s with {nodes} node(s) ({tasks:,} tasks + 1 verify; per node: {spread})", file=out)
+    print(
+        f"\nswarm: {wall:.2f} s with {nodes} node(s) ({tasks:,} skill calls + 1 verify, "
+        f"in batches; tasks per node: {spread})",
+        file=out,
+    )
     if sources.unreadable:
         print(f"skipped {len(sources.unreadable)} unreadable file(s): {', '.join(sources.unreadable[:5])}", file=out)
         files = [f for f in files if f not in set(sources.unreadable)]

@@ -20,7 +20,10 @@ pyzmq and msgpack are mapped at the edges and never leak out::
     │   ├── TaskTimeout         the task did not finish before its timeout
     │   ├── TaskLost            the task was tried ``max_attempts`` times and
     │   │                       each time its node died (a poison task)
-    │   └── TaskCancelled       the task was cancelled
+    │   ├── TaskCancelled       the task was cancelled
+    │   └── SealError           a sealed payload did not open: tampered with,
+    │                           sealed with another seal key, or unsealed in a
+    │                           swarm that seals
     └── ClosedError             the client or node was already closed
 
 ``TypeError`` (not a ZlinkError) is raised at ``submit`` when an argument is
@@ -39,6 +42,7 @@ __all__ = [
     "RejectedError",
     "RemoteError",
     "RemoteProtocolError",
+    "SealError",
     "TaskCancelled",
     "TaskError",
     "TaskLost",
@@ -136,6 +140,14 @@ class TaskLost(TaskError):
 
 class TaskCancelled(TaskError):
     """The task was cancelled before it finished."""
+
+
+class SealError(TaskError):
+    """A sealed payload did not open, so its task has no trustworthy result.
+
+    It was tampered with on the way, sealed with another seal key, or arrived
+    unsealed where sealing is on (see docs/security.md).
+    """
 
 
 class ClosedError(ZlinkError):

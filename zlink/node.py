@@ -26,15 +26,16 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any, Final, TypeVar, overload
 
 import zmq
 
 from . import protocol as P
 from ._batch import ITEM_ERROR, ITEM_OK, ITEM_TIMEOUT, pack_batch_result, parse_batch
 from ._peer import PeerLink, curve_client, tune_reconnect, with_port
-from .errors import ConfigError, RemoteProtocolError, ZlinkError
+from .errors import ConfigError, RemoteProtocolError, SealError, ZlinkError
 from .protocol import Outcome
+from .seal import SEAL_OVERHEAD, NodeSealer, SealKey, is_sealed
 from .security import Join
 
 __all__ = ["Node", "SkillSpec", "TaskContext", "current_task", "skill"]
@@ -174,7 +175,7 @@ def load_skills_module(target: str) -> types.ModuleType:
 class TaskContext:
     """What a running skill can learn about its task: ``zlink.current_task()``."""
 
-    __slots__ = ("_cancelled", "_future", "_tid", "attempt", "deadline", "id", "skill")
+    __slots__ = ("_cancelled", "_future", "_seal", "_tid", "attempt", "deadline", "id", "skill")
 
     def __init__(self, tid: bytes, skill_name: str, attempt: int, timeout: float | None) -> None:
         self._tid = tid
@@ -184,6 +185,7 @@ class TaskContext:
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self._cancelled = False
         self._future: Any = None
+        self._seal: _Seal = None
 
     @property
     def cancelled(self) -> bool:
@@ -206,6 +208,12 @@ def current_task() -> TaskContext:
     if ctx is None:
         raise RuntimeError("zlink.current_task() called outside a running skill")
     return ctx
+
+
+#: whom a task's results are sealed to: (skill, client session key), or None (unsealed)
+_Seal = tuple[str, bytes] | None
+#: the outcomes whose payload is the node's (sealed); the others carry a reason string
+_SEALED: Final = frozenset({Outcome.OK, Outcome.ERROR, Outcome.PARTIAL})
 
 
 class _Job:
@@ -266,12 +274,13 @@ class Node(PeerLink):
         connect_timeout: float = 10.0,
         heartbeat_interval: float | None = None,
         liveness: int | None = None,
+        seal_key: SealKey | str | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
         super().__init__(
             join, name=name, connect_timeout=connect_timeout,
-            heartbeat_interval=heartbeat_interval, liveness=liveness,
+            heartbeat_interval=heartbeat_interval, liveness=liveness, seal_key=seal_key,
         )  # fmt: skip
         self.slots = slots
         # the most tasks this node holds beyond its slots; the broker adapts the
@@ -279,7 +288,8 @@ class Node(PeerLink):
         self.prefetch = 1024 if prefetch is None else max(0, prefetch)
         self.skills: dict[str, SkillSpec] = {}
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._done: deque[tuple[bytes, int, int, bytes]] = deque()
+        #: (tid, attempt, status, plain payload, (skill, client key) when sealed)
+        self._done: deque[tuple[bytes, int, int, bytes, _Seal]] = deque()
         self._running: dict[bytes, TaskContext] = {}
         self._workers: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -288,8 +298,12 @@ class Node(PeerLink):
         self._started = False
         self._hb_thread: threading.Thread | None = None
         self._hb_endpoint = ""
-        #: tid -> (attempt, status, payload): results sent but not yet acknowledged
-        self._unacked: dict[bytes, tuple[int, int, bytes]] = {}
+        #: tid -> (attempt, status, payload, seal): results sent but not yet acknowledged
+        self._unacked: dict[bytes, tuple[int, int, bytes, _Seal]] = {}
+        #: sealed payloads: opens tasks, seals results to their clients (None: unsealed swarm)
+        self._sealer = NodeSealer(self.seal_key) if self.seal_key is not None else None
+        #: tasks that failed to open (tampered, wrong seal key, unsealed in a sealed swarm)
+        self.seal_failures = 0
         self._draining = False
         self.completed = 0
 
@@ -459,7 +473,7 @@ class Node(PeerLink):
                 [(tid, c.attempt) for tid, c in self._running.items()]
                 + [(tid, r[0]) for tid, r in self._unacked.items() if tid not in self._running]
             ),
-            epoch=self.epoch, agent="zlink-node",
+            epoch=self.epoch, agent="zlink-node", seal=self.seal_key.key_id if self.seal_key is not None else "",
         )  # fmt: skip
 
     def setup(self, ctx: zmq.Context[Any]) -> None:
@@ -491,11 +505,11 @@ class Node(PeerLink):
                     continue
                 done = self._unacked.get(tid)
                 if done is not None:  # finished while the broker was away: answer, do not re-run
-                    self._done.append((tid, item.attempt, done[1], done[2]))
+                    self._done.append((tid, item.attempt, done[1], done[2], done[3]))
                     continue
                 ctx = TaskContext(tid, item.skill, item.attempt, item.timeout)
                 if self._draining:
-                    self._done.append((tid, item.attempt, Outcome.RETURNED, P.pack_value("node is draining")))
+                    self._done.append((tid, item.attempt, Outcome.RETURNED, P.pack_value("node is draining"), None))
                     continue
                 self._running[tid] = ctx
                 self._jobs.put(_Job(item, payload, ctx))
@@ -516,8 +530,8 @@ class Node(PeerLink):
     def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
         self._start_heartbeats(welcome)
         # results the broker never acknowledged (it may have restarted): send again
-        for tid, (attempt, status, payload) in list(self._unacked.items()):
-            self._done.append((tid, attempt, status, payload))
+        for tid, (attempt, status, payload, seal) in list(self._unacked.items()):
+            self._done.append((tid, attempt, status, payload, seal))
         if self._draining:
             self.send(P.Drain(reason="draining"))
 
@@ -536,12 +550,13 @@ class Node(PeerLink):
         frames: list[bytes] = []
         limit = self.max_message_size - 4096  # room for the header
         size = 0
+        sealer = self._sealer
         while done:
-            tid, attempt, status, payload = done.popleft()
+            tid, attempt, status, payload, seal = done.popleft()
             held = self._running.get(tid)
             if held is not None and held.attempt == attempt and status != Outcome.PARTIAL:
                 del self._running[tid]
-            if len(payload) > limit:
+            if len(payload) > limit - SEAL_OVERHEAD:
                 status = Outcome.ERROR
                 payload = _error_payload(
                     ValueError(
@@ -550,21 +565,23 @@ class Node(PeerLink):
                     ),
                     self.name,
                 )
+            if status != Outcome.PARTIAL and status != Outcome.RETURNED:
+                self._unacked[tid] = (attempt, status, payload, seal)  # until the broker ACKs it
+            if seal is not None and sealer is not None and status in _SEALED:
+                payload = sealer.seal_result(seal[1], tid, seal[0], attempt, status, payload)
             if items and (len(items) >= 1000 or size + len(payload) + 40 > limit):
                 self.send(P.Result(results=tuple(items)), frames)
                 items, frames, size = [], [], 0
             items.append(P.ResultItem(tid, attempt, status))
             frames.append(payload)
             size += len(payload) + 40  # the item's share of the header
-            if status != Outcome.PARTIAL and status != Outcome.RETURNED:
-                self._unacked[tid] = (attempt, status, payload)  # until the broker ACKs it
         if items:
             self.send(P.Result(results=tuple(items)), frames)
 
     # ------------------------------------------------------------------ workers
 
-    def _finish(self, tid: bytes, attempt: int, status: int, payload: bytes) -> None:
-        self._done.append((tid, attempt, status, payload))
+    def _finish(self, tid: bytes, attempt: int, status: int, payload: bytes, seal: _Seal = None) -> None:
+        self._done.append((tid, attempt, status, payload, seal))
         self.completed += 1
         self._waker.wake()  # the I/O thread sends results on every wake-up
 
@@ -578,15 +595,24 @@ class Node(PeerLink):
                 self._finish(item.tid, ctx.attempt, Outcome.CANCELLED, P.pack_value("cancelled before it started"))
                 continue
             status, payload = self._execute(job)
-            self._finish(item.tid, ctx.attempt, status, payload)
+            self._finish(item.tid, ctx.attempt, status, payload, ctx._seal)
 
     def _execute(self, job: _Job) -> tuple[int, bytes]:
         item, ctx = job.item, job.ctx
         spec = self.skills.get(item.skill)
         if spec is None:
             return Outcome.ERROR, _error_payload(LookupError(f"no skill {item.skill!r} on this node"), self.name)
+        data: bytes | memoryview = job.payload.buffer
+        sealer = self._sealer
+        if sealer is not None or is_sealed(data):
+            try:
+                data = self._open(job, sealer, data)
+            except SealError as exc:
+                self.seal_failures += 1
+                log.warning("task %s (%s) refused: %s", item.tid.hex(), item.skill, exc)
+                return Outcome.ERROR, _error_payload(exc, self.name)
         try:
-            call = P.unpack_value(job.payload.buffer)
+            call = P.unpack_value(data)
             if type(call) is dict:
                 items, item_timeout = parse_batch(call)
                 return self._execute_batch(spec, ctx, items, item_timeout)
@@ -607,6 +633,19 @@ class Node(PeerLink):
             if ctx._cancelled:
                 return Outcome.CANCELLED, P.pack_value("cancelled")
             return Outcome.ERROR, _error_payload(_as_task_error(exc), self.name)
+
+    def _open(self, job: _Job, sealer: NodeSealer | None, data: bytes | memoryview) -> bytes:
+        """A sealed task's plaintext; remembers whom its results are sealed to."""
+        item = job.item
+        if sealer is None:
+            raise SealError(f"task {item.tid.hex()} is sealed but this node has no seal key (see 'zlink seal-key')")
+        try:
+            plain, client_pub = sealer.open_task(item.tid, item.skill, data)
+        except SealError as exc:
+            # answered unsealed: the error holds no user data, and the client may not share our key
+            raise SealError(f"{exc} (this node's seal key id is {sealer.key.key_id})") from None
+        job.ctx._seal = (item.skill, client_pub)
+        return plain
 
     def _call(
         self, spec: SkillSpec, ctx: TaskContext, args: list[Any], kwargs: dict[str, Any], *, partials: bool
@@ -668,7 +707,7 @@ class Node(PeerLink):
 
     def _partial(self, ctx: TaskContext, value: Any) -> None:
         payload = P.pack_value(value)  # TypeError here fails the task, as for a result
-        self._done.append((ctx._tid, ctx.attempt, Outcome.PARTIAL, payload))
+        self._done.append((ctx._tid, ctx.attempt, Outcome.PARTIAL, payload, ctx._seal))
         self._waker.wake()
 
     def _run_async(

@@ -331,6 +331,8 @@ class Hello(Message):
     ``role`` is the hat the peer wears on this connection: ``"node"`` or
     ``"client"``. ``running`` lists (task id, attempt) pairs a node is still
     executing or holding results for, so a restarted broker can rebuild them.
+    ``seal`` is the public id of the peer's seal key ("" when it seals nothing):
+    status shows it, so an operator sees a swarm whose peers disagree.
     """
 
     COMMAND: ClassVar[str] = "HELLO"
@@ -343,6 +345,7 @@ class Hello(Message):
     running: tuple[tuple[bytes, int], ...] = ()
     epoch: bytes | None = None
     agent: str = ""
+    seal: str = ""
 
     SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
         ("name", _v_str(MAX_NAME)),
@@ -354,6 +357,7 @@ class Hello(Message):
         ("running", _v_running),
         ("epoch", _v_optional(_v_id)),
         ("agent", _v_str(128)),
+        ("seal", _v_str(32)),
     )
 
 

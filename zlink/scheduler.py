@@ -143,7 +143,7 @@ class SchedulerConfig:
 
 
 class Peer:
-    __slots__ = ("hat", "identity", "last_seen", "name", "route", "session")
+    __slots__ = ("hat", "identity", "last_seen", "name", "route", "seal", "session")
 
     def __init__(self, route: bytes, session: bytes, name: str, identity: Identity, hat: str, now: float) -> None:
         self.route = route
@@ -152,6 +152,7 @@ class Peer:
         self.identity = identity
         self.hat = hat
         self.last_seen = now
+        self.seal = ""  # the public id of the peer's seal key, "" when unsealed
 
 
 #: seconds of work the broker tries to keep queued at a node beyond its slots
@@ -268,7 +269,7 @@ class Scheduler:
         self.adopted: dict[bytes, tuple[Node, int]] = {}
         #: tid -> (status, payload, expiry): results of adopted tasks that arrived
         #: before their client resubmitted them; delivered on resubmission
-        self.orphans: dict[bytes, tuple[int, Any, float]] = {}
+        self.orphans: dict[bytes, tuple[int, Any, float, int]] = {}
         self.counters: dict[str, int] = {
             "submitted": 0, "dispatched": 0, "done": 0, "failed": 0, "requeued": 0,
             "lost": 0, "timed_out": 0, "cancelled": 0, "rejected": 0, "stale_results": 0,
@@ -422,6 +423,7 @@ class Scheduler:
         else:
             peer = Client(route, msg.session, name, identity, hat, self._now)
             self.clients[msg.session] = peer
+        peer.seal = msg.seal
         self.peers[route] = peer
         self.names[name] = msg.session
         cfg = self.config
@@ -531,9 +533,10 @@ class Scheduler:
                 continue
             if self.orphans and tid in self.orphans:
                 # finished on a node while we (a restarted broker) did not know it yet
-                status, result, _ = self.orphans.pop(tid)
+                status, result, _, attempt = self.orphans.pop(tid)
                 self.counters["done" if status == Outcome.OK else "failed"] += 1
-                self._queue_result(client, P.ResultItem(tid, 0, status), result)
+                # the attempt the node ran: a sealed result is bound to it
+                self._queue_result(client, P.ResultItem(tid, attempt, status), result)
                 continue
             deadline = now + spec.timeout if spec.timeout is not None else math.inf
             task = Task(spec, client, payload, deadline)
@@ -606,7 +609,7 @@ class Scheduler:
             if task is None and self.adopted.get(tid) == (node, attempt):
                 del self.adopted[tid]
                 if item.status != Outcome.RETURNED:
-                    self.orphans[tid] = (item.status, payload, self._now + self.config.orphan_ttl)
+                    self.orphans[tid] = (item.status, payload, self._now + self.config.orphan_ttl, attempt)
                 continue
             if task is None or task.node is not node or task.attempt != attempt:
                 self._answered(node, tid, attempt)  # the answer of a forgotten attempt
@@ -692,7 +695,7 @@ class Scheduler:
             self._cancel_task(task)
             self._deliver_status(task.client, tid, task.attempt, Outcome.TIMEOUT, why)
         if self.orphans:
-            for tid in [t for t, (_, _, exp) in self.orphans.items() if exp <= now]:
+            for tid in [t for t, (_, _, exp, _) in self.orphans.items() if exp <= now]:
                 del self.orphans[tid]
         horizon = now - self.config.node_timeout
         dead = [n for n in self.nodes.values() if n.last_seen < horizon]
@@ -1057,10 +1060,12 @@ class Scheduler:
                     "last_seen": round(now - n.last_seen, 3),
                     "done": n.done,
                     "failed": n.failed,
+                    "seal": n.seal,
                 }
                 for n in sorted(self.nodes.values(), key=lambda n: n.name)
             ],
             "clients": len(self.clients),
+            "seal_keys": sorted({n.seal for n in self.nodes.values()}),  # nodes' seal key ids ("" unsealed)
             "queued": queued,
             "running": running,
             "counters": dict(self.counters),

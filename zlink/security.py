@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import datetime
 import os
 import re
@@ -29,6 +30,7 @@ import zmq
 from zmq.utils import z85
 
 from .errors import ConfigError
+from .seal import SEAL_PREFIX, SealKey
 
 __all__ = [
     "JOIN_PREFIX",
@@ -307,9 +309,16 @@ class Join:
     keys: KeyPair
     name: str = ""
     role: str = "both"
+    #: the swarm's payload key, when the join string carries one (see ``zlink seal-key``)
+    seal_key: SealKey | None = None
 
     def __repr__(self) -> str:
-        return f"Join(endpoints={self.endpoints!r}, name={self.name!r}, role={self.role!r})"
+        sealed = f", seal_key={self.seal_key.key_id}" if self.seal_key is not None else ""
+        return f"Join(endpoints={self.endpoints!r}, name={self.name!r}, role={self.role!r}{sealed})"
+
+    def with_seal_key(self, key: SealKey | None) -> Join:
+        """This join string with ``key`` added (``None``: removed)."""
+        return dataclasses.replace(self, seal_key=key)
 
     def dump(self) -> str:
         body: dict[str, Any] = {
@@ -320,6 +329,8 @@ class Join:
             "n": self.name,
             "r": self.role,
         }
+        if self.seal_key is not None:
+            body["k"] = self.seal_key.text()
         raw = msgpack.packb(body, use_bin_type=True)
         return JOIN_PREFIX + base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
@@ -349,6 +360,7 @@ class Join:
                 keys=KeyPair(_check_z85(body["p"], "public key"), _check_z85(body["s"], "secret key")),
                 name=str(body.get("n", "")),
                 role=check_role(str(body.get("r", "both"))),
+                seal_key=SealKey.parse(str(body["k"])) if body.get("k") else None,
             )
         except (KeyError, TypeError):
             raise ConfigError("join string is damaged (missing fields)") from None
@@ -364,6 +376,26 @@ class Join:
                     "no join string: pass join=... / --join, or set $ZLINK_JOIN (create one with 'zlink invite')"
                 )
         return cls.parse(join)
+
+
+def resolve_seal_key(explicit: SealKey | str | None, join: Join) -> SealKey | None:
+    """The payload key a peer uses: ``explicit`` (a key, its text or a key file),
+    else the join string's, else ``$ZLINK_SEAL_KEY`` (text or a file path), else None."""
+    if explicit is None:
+        if join.seal_key is not None:
+            return join.seal_key
+        explicit = os.environ.get("ZLINK_SEAL_KEY", "").strip() or None
+        if explicit is None:
+            return None
+    return load_seal_key(explicit)
+
+
+def load_seal_key(source: SealKey | str) -> SealKey:
+    """A seal key from its text (``zlinkseal1:...``) or from a key file's path."""
+    if isinstance(source, SealKey):
+        return source
+    text = source.strip()
+    return SealKey.parse(text) if text.startswith(SEAL_PREFIX) else SealKey.load(text)
 
 
 def default_host() -> str:

@@ -55,16 +55,23 @@ def node_by_name(status: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 
 def start_swarm(
-    home: Path, nodes: list[str], *, slots: int = 2, liveness: int | None = None, broker_args: tuple[str, ...] = ()
+    home: Path,
+    nodes: list[str],
+    *,
+    slots: int = 2,
+    liveness: int | None = None,
+    broker_args: tuple[str, ...] = (),
+    seal: bool = True,
 ) -> LocalSwarm:
     """A CLI broker and one CLI node process per name, serving skills_basic.py; waits until all joined.
 
     ``liveness`` (missed 0.5 s beats before a node is dead) defaults to the
-    broker's own default, so the suite runs the settings users get.
+    broker's own default, so the suite runs the settings users get. Payloads
+    are sealed (``seal=False``: a swarm without a seal key).
     """
     if liveness is not None:
         broker_args = ("--liveness", str(liveness), *broker_args)
-    swarm = LocalSwarm(home=home, broker_args=broker_args)
+    swarm = LocalSwarm(home=home, broker_args=broker_args, seal=seal)
     try:
         swarm.start_broker()
         for name in nodes:

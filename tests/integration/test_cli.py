@@ -191,7 +191,7 @@ def test_keygen_and_allow_bring_your_own_key(swarm: LocalSwarm, tmp_path: Path) 
     res = run_zlink("allow", "--home", str(swarm.home), str(pub), "--role", "client")
     assert res.returncode == 0, res.stderr
     assert "allowed 'byok' as client" in res.stdout
-    with zlink.Client(join, connect_timeout=10) as c:
+    with zlink.Client(join, connect_timeout=10, seal_key=swarm.seal_key) as c:  # the swarm seals payloads
         assert c.submit("square", 6).result(timeout=20) == 36
     res = run_zlink("revoke", "--home", str(swarm.home), "byok")
     assert res.returncode == 0, res.stderr

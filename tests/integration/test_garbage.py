@@ -33,6 +33,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
         ["garbage-node"],
         slots=2,
         broker_args=("--max-message-size", str(LIMIT)),
+        seal=False,  # raw peers here send hand-made plain payloads to the node
     )
     try:
         yield sw
@@ -173,7 +174,7 @@ def test_undecodable_task_payload_is_a_remote_error(
     raw = raw_peer(swarm.endpoint, raw_join)
     assert isinstance(raw.ask([P.encode(P.Hello(name="raw-payload", role="client", session=os.urandom(8)))]), P.Welcome)
     specs = tuple(P.TaskSpec(os.urandom(16), "square", 20.0, 1, (), ()) for _ in range(3))
-    payloads = [b"\xc1\xc1\xc1", P.pack_value({"not": "a list"}), P.pack_value([["a", "b"]])]
+    payloads = [b"\x93\xc1\xc1", P.pack_value({"not": "a list"}), P.pack_value([["a", "b"]])]
     raw.send([P.encode(P.Submit(tasks=specs)), *payloads])
     outcomes: dict[bytes, tuple[int, Any]] = {}
     while len(outcomes) < 3:

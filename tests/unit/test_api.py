@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PUBLIC = {
     "AsyncClient", "AuthenticationError", "Broker", "Client", "ClosedError", "ConfigError", "Executor",
     "ConnectError", "Join", "KeyPair", "LocalProtocolError", "Node", "ProtocolError",
-    "RejectedError", "RemoteError", "RemoteProtocolError", "SkillSpec", "TaskCancelled",
+    "RejectedError", "RemoteError", "RemoteProtocolError", "SealError", "SealKey", "SkillSpec", "TaskCancelled",
     "TaskContext", "TaskError", "TaskFuture", "TaskLost", "TaskStream", "TaskTimeout", "ZlinkError",
     "__version__", "current_task", "skill",
 }  # fmt: skip
@@ -25,7 +25,7 @@ def test_all_lists_exactly_the_public_names() -> None:
     for name in zlink.__all__:
         assert hasattr(zlink, name), name
     public_attrs = {n for n in vars(zlink) if not n.startswith("_")} - {
-        "annotations", "broker", "client", "errors", "node", "protocol", "scheduler", "security", "_peer",
+        "annotations", "broker", "client", "errors", "node", "protocol", "scheduler", "seal", "security", "_peer",
     }  # fmt: skip
     assert public_attrs <= PUBLIC | {"demo", "cli"}
 
