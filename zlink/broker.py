@@ -77,6 +77,7 @@ class Broker:
         liveness: int = 3,
         max_message_size: int = 16 * 1024 * 1024,
         max_tasks_per_client: int = 1_000_000,
+        max_submit_rate: float = 100_000.0,
     ) -> None:
         if not bind.startswith("tcp://"):
             raise ConfigError(f"bind address must look like tcp://HOST:PORT, got {bind!r}")
@@ -92,6 +93,9 @@ class Broker:
         self.liveness = liveness
         self.max_message_size = max_message_size
         self.max_tasks_per_client = max_tasks_per_client
+        if max_submit_rate < 0:
+            raise ConfigError("--max-submit-rate must be >= 0 (0: no limit)")
+        self.max_submit_rate = max_submit_rate
         self.epoch = os.urandom(8)
         self.endpoint = ""
         self.beacon_endpoint = ""
@@ -195,6 +199,7 @@ class Broker:
             beacon_port=_port_of(self.beacon_endpoint),
             heartbeat_port=_port_of(self.heartbeat_endpoint),
             max_tasks_per_client=self.max_tasks_per_client,
+            max_submit_rate=self.max_submit_rate,
         )
         sched = self.sched = Scheduler(epoch=self.epoch, config=config, now=now)
         log.info(

@@ -122,7 +122,11 @@ def main() -> None:
 @click.option("--max-message-size", type=int, default=16 * 1024 * 1024, show_default=True, help="Bytes.")
 @click.option(
     "--max-tasks-per-client", type=int, default=1_000_000, show_default=True,
-    help="Unresolved tasks one client may hold; a client at the bound waits (backpressure).",
+    help="Unresolved tasks one client key may hold; a client at the bound waits (backpressure).",
+)  # fmt: skip
+@click.option(
+    "--max-submit-rate", type=float, default=100_000.0, show_default=True,
+    help="New tasks per second one client key may submit (0: no limit); clients pace themselves.",
 )  # fmt: skip
 @click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
@@ -135,6 +139,7 @@ def broker(
     liveness: int,
     max_message_size: int,
     max_tasks_per_client: int,
+    max_submit_rate: float,
     log_level: str,
     quiet: bool,
 ) -> None:
@@ -147,6 +152,7 @@ def broker(
         return Broker(
             bind=bind, home=home, heartbeat_interval=heartbeat_interval,
             liveness=liveness, max_message_size=max_message_size, max_tasks_per_client=max_tasks_per_client,
+            max_submit_rate=max_submit_rate,
         )  # fmt: skip
 
     import signal

@@ -59,6 +59,8 @@ class TaskFuture(cf.Future[Any]):
         self._on_partial: Callable[[Any], None] | None = None
         #: bytes of the result payload (batched maps size their batches by it)
         self._nbytes = 0
+        #: counted against the client's backpressure bound until resolved
+        self._counted = False
 
     @property
     def task_id(self) -> str:
@@ -68,7 +70,7 @@ class TaskFuture(cf.Future[Any]):
         """Cancel the task: dropped at the broker if queued, told to stop if running."""
         if not super().cancel():
             return False
-        self._client._cancel_soon(self.tid)
+        self._client._cancel_soon(self.tid, counted=self._counted)
         return True
 
     def __repr__(self) -> str:
@@ -191,6 +193,10 @@ class Client(PeerLink):
         self._status_waiters: deque[cf.Future[dict[str, Any]]] = deque()
         #: backpressure: unresolved tasks, bounded by the broker's per-client limit
         self.max_tasks = 0
+        #: new tasks per second the broker accepts from this key (0: no limit); submit paces itself
+        self.max_rate = 0.0
+        self._tokens = 0.0
+        self._tokens_t = 0.0
         self._unresolved = 0
         self._room = threading.Condition()
         self._cancel_backlog: set[bytes] = set()
@@ -296,11 +302,15 @@ class Client(PeerLink):
         spec = P.TaskSpec(tid, skill, timeout, max_attempts, reads, writes)
         fut = TaskFuture(self, tid, skill)
         fut._on_partial = on_partial
-        if self.max_tasks:
+        if self.max_tasks or self.max_rate:
             if wait:
                 self.wait_room()
             with self._room:
                 self._unresolved += 1
+                if self.max_rate:
+                    self._refill()
+                    self._tokens -= 1.0  # may go below zero after a non-waiting submit
+            fut._counted = True
             fut.add_done_callback(self._free_room)
         deadline = time.monotonic() + timeout if timeout is not None else math.inf
         self._outgoing.append(_Pending(spec, payload, fut, deadline))
@@ -308,8 +318,18 @@ class Client(PeerLink):
         return fut
 
     def has_room(self) -> bool:
-        """False while this client holds as many unresolved tasks as the broker allows."""
-        return not self.max_tasks or self._unresolved < self.max_tasks
+        """False while this client holds as many unresolved tasks as the broker allows,
+        or has submitted as many as its rate limit allows just now."""
+        if self.max_tasks and self._unresolved >= self.max_tasks:
+            return False
+        return not self.max_rate or self._refill() >= 1.0
+
+    def _refill(self) -> float:
+        """Tokens of the submission rate limit (one per task, ``max_rate`` per second)."""
+        now = time.monotonic()
+        self._tokens = min(max(1.0, self.max_rate), self._tokens + (now - self._tokens_t) * self.max_rate)
+        self._tokens_t = now
+        return self._tokens
 
     def wait_room(self, timeout: float | None = None) -> bool:
         """Block until another task may be submitted (backpressure); False on timeout.
@@ -328,10 +348,12 @@ class Client(PeerLink):
                 code="quota",
             )
         with self._room:
-            while self.max_tasks and self._unresolved >= self.max_tasks and not self.closed:
+            while not self.has_room() and not self.closed:
                 left = 0.5 if end is None else min(0.5, end - time.monotonic())
                 if left <= 0:
                     return False
+                if self.max_rate and self._tokens < 1.0:
+                    left = min(left, (1.0 - self._tokens) / self.max_rate)
                 self._room.wait(left)
         if self.closed:
             raise ClosedError("this client is closed")
@@ -531,7 +553,7 @@ class Client(PeerLink):
 
     # ------------------------------------------------------------------ I/O thread
 
-    def _cancel_soon(self, tid: bytes) -> None:
+    def _cancel_soon(self, tid: bytes, *, counted: bool) -> None:
         if self.closed:
             return
 
@@ -543,7 +565,7 @@ class Client(PeerLink):
                 else:  # re-registering: the broker may still hold it, cancel after WELCOME
                     self._cancel_backlog.add(tid)
             # (a task still in the outgoing queue is skipped when drained)
-            if self.max_tasks:
+            if counted:
                 # only now, after the CANCEL, may a new task take its place: the
                 # broker must not see the new SUBMIT first and refuse it as over quota
                 self._release_room()
@@ -551,7 +573,7 @@ class Client(PeerLink):
         try:
             self.call_soon(cancel)
         except ClosedError:
-            if self.max_tasks:
+            if counted:
                 self._release_room()
 
     def hello(self) -> P.Hello:
@@ -562,6 +584,10 @@ class Client(PeerLink):
 
     def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
         self.max_tasks = welcome.max_tasks
+        if welcome.max_rate != self.max_rate:
+            with self._room:
+                self.max_rate = welcome.max_rate
+                self._tokens, self._tokens_t = max(1.0, self.max_rate), time.monotonic()
         for _ in self._status_waiters:  # asked of a broker that went away: ask again
             self.send(P.Status())
         if self._cancel_backlog:

@@ -377,6 +377,8 @@ class Welcome(Message):
     time: float = 0.0
     #: most unresolved tasks the broker keeps for one client (0: no bound)
     max_tasks: int = 0
+    #: most new tasks per second the broker accepts from one client key (0: no limit)
+    max_rate: float = 0.0
 
     SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
         ("epoch", _v_id),
@@ -389,6 +391,7 @@ class Welcome(Message):
         ("heartbeat_port", _v_int(0, 65535)),
         ("time", _v_float(0.0, 1e12)),
         ("max_tasks", _v_int(0, 2**40)),
+        ("max_rate", _v_float(0.0, 1e9)),
     )
 
 

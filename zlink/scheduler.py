@@ -129,8 +129,11 @@ class SchedulerConfig:
     max_message_size: int = 16 * 1024 * 1024
     beacon_port: int = 0
     heartbeat_port: int = 0
-    #: most tasks one client may have queued or running at the broker
+    #: most tasks one client key may have queued or running at the broker (all its sessions together)
     max_tasks_per_client: int = 1_000_000
+    #: most new tasks per second one client key may submit, in bursts of up to one second's worth
+    #: (0: no limit); resubmissions to a restarted broker do not count
+    max_submit_rate: float = 100_000.0
     #: how long a restarted broker keeps a result whose client has not resubmitted yet
     orphan_ttl: float = 60.0
 
@@ -276,6 +279,10 @@ class Scheduler:
             "undeliverable": 0, "nodes_died": 0, "protocol_errors": 0,
         }  # fmt: skip
         self.errors: dict[str, int] = {}
+        #: client key -> tasks it has at the broker (the quota counts keys, not sessions)
+        self.key_tasks: dict[str, int] = {}
+        #: client key -> [tokens, last refill]: the submission rate limit
+        self.key_rate: dict[str, list[float]] = {}
         # per-flush batches
         self._out: list[Send] = []
         self._dispatch: dict[Node, tuple[list[P.DispatchItem], list[Any]]] = {}
@@ -435,7 +442,7 @@ class Scheduler:
                     heartbeat_interval=cfg.heartbeat_interval, liveness=cfg.liveness,
                     max_message_size=cfg.max_message_size, beacon_port=cfg.beacon_port,
                     heartbeat_port=cfg.heartbeat_port, time=max(0.0, self._now),
-                    max_tasks=cfg.max_tasks_per_client,
+                    max_tasks=cfg.max_tasks_per_client, max_rate=cfg.max_submit_rate,
                 ),
             )
         )  # fmt: skip
@@ -517,20 +524,36 @@ class Scheduler:
             self._error(client.route, "frame-count", "one payload frame per task")
             return
         now = self._now
-        rejected: list[bytes] = []
+        rejected: list[tuple[bytes, str]] = []
         touched: set[str] = set()
-        limit = self.config.max_tasks_per_client
+        cfg = self.config
+        limit = cfg.max_tasks_per_client
+        key = client.identity.key
+        held = self.key_tasks.get(key, 0)
+        rate = cfg.max_submit_rate
+        bucket: list[float] | None = None
+        if rate > 0 and not (msg.resubmit and now < self._restart_grace_end):
+            bucket = self.key_rate.get(key)
+            if bucket is None:
+                bucket = self.key_rate[key] = [max(1.0, rate), now]
+            bucket[0] = min(max(1.0, rate), bucket[0] + (now - bucket[1]) * rate)
+            bucket[1] = now
         for spec, payload in zip(msg.tasks, frames, strict=True):
             tid = spec.tid
             existing = self.tasks.get(tid)
             if existing is not None:
-                if existing.client is not client and existing.client.identity.key != client.identity.key:
-                    rejected.append(tid)
+                if existing.client is not client and existing.client.identity.key != key:
+                    rejected.append((tid, "task id in use"))
                 # else: a resubmission of a task we still track; keep the one we have
                 continue
-            if len(client.tasks) >= limit:
-                rejected.append(tid)
+            if held >= limit:
+                rejected.append((tid, f"quota: this key has {held} tasks at the broker (--max-tasks-per-client)"))
                 continue
+            if bucket is not None:
+                if bucket[0] < 1.0:
+                    rejected.append((tid, f"rate limit: at most {rate:g} new tasks per second per key"))
+                    continue
+                bucket[0] -= 1.0
             if self.orphans and tid in self.orphans:
                 # finished on a node while we (a restarted broker) did not know it yet
                 status, result, _, attempt = self.orphans.pop(tid)
@@ -544,6 +567,7 @@ class Scheduler:
                 task.attempt = self.fence[tid][0]
             self.tasks[tid] = task
             client.tasks.add(tid)
+            held += 1
             self.counters["submitted"] += 1
             if self.adopted and tid in self.adopted:
                 node, attempt = self.adopted.pop(tid)
@@ -576,10 +600,11 @@ class Scheduler:
             touched.add(spec.skill)
         for skill in touched:
             self._pump(skill)
+        self.key_tasks[key] = held
         if rejected:
             self.counters["rejected"] += len(rejected)
-            for tid in rejected:
-                self._deliver_status(client, tid, 0, Outcome.REJECTED, "task id in use or too many tasks in flight")
+            for tid, why in rejected:
+                self._deliver_status(client, tid, 0, Outcome.REJECTED, why)
 
     def _on_result(self, node: Node, msg: P.Result, frames: list[Any]) -> None:
         if len(frames) != len(msg.results):
@@ -793,6 +818,12 @@ class Scheduler:
     def _forget(self, task: Task, *, keep_keys: bool = False) -> None:
         del self.tasks[task.tid]
         task.client.tasks.discard(task.tid)
+        key = task.client.identity.key
+        left = self.key_tasks.get(key, 1) - 1
+        if left > 0:
+            self.key_tasks[key] = left
+        else:
+            self.key_tasks.pop(key, None)
         task.state = "gone"
         task.payload = None
         if (task.holds or task.gated) and not keep_keys:
