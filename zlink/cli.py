@@ -58,6 +58,16 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _no_core_dumps() -> None:
+    """A crash must not write task payloads to disk (zero-log): no core files for this process."""
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ImportError, ValueError, OSError):  # not on this platform, or not allowed
+        pass
+
+
 def join_option(fn: F) -> F:
     return click.option(
         "--join",
@@ -147,6 +157,7 @@ def broker(
     from .broker import Broker
 
     _setup_logging(log_level)
+    _no_core_dumps()
 
     def make() -> Broker:
         return Broker(
@@ -351,6 +362,7 @@ def node(
     from .node import Node
 
     _setup_logging(log_level)
+    _no_core_dumps()
     if slots < 1:
         _fail("--slots must be at least 1", EXIT_CONFIG)
 
