@@ -433,8 +433,14 @@ class ZlinkSwarm(_System):
     name = "zlink"
 
     def __init__(
-        self, workers: int = 2, slots: int = 4, prefetch: int | None = None, start_timeout: float = 30.0
+        self,
+        workers: int = 2,
+        slots: int = 4,
+        prefetch: int | None = None,
+        start_timeout: float = 30.0,
+        seal: bool = True,
     ) -> None:
+        self.seal = seal
         self.n_workers = workers
         self.slots = slots
         self.prefetch = prefetch
@@ -449,7 +455,7 @@ class ZlinkSwarm(_System):
         from zlink import Client
         from zlink.demo import LocalSwarm
 
-        self.swarm = LocalSwarm()
+        self.swarm = LocalSwarm(seal=self.seal)
         self.swarm.start_broker(timeout=self.start_timeout)
         self.relay_pid = self.swarm.broker.pid
         for i in range(self.n_workers):
@@ -1255,10 +1261,55 @@ class Settings:
     batch_tasks: int = 100_000  # batched map: no-op tasks through one client.map
     batch_window: int = 10_000  # batched map: its window (tasks in flight)
     mem_items: int = 1_000_000  # lazy map memory: items of the generator
+    seal_scale: float = 1.0  # sealing cost: fraction of SEAL_TASKS run per payload size
     only: tuple[str, ...] = ()  # measurements to run (empty: all)
 
     def runs(self, measurement: str) -> bool:
         return not self.only or measurement in self.only
+
+
+#: sealing cost: payload size (bytes) -> tasks per run (the arguments travel there and back)
+SEAL_TASKS: dict[int, int] = {100: 3000, 4096: 3000, 65536: 600, 1 << 20: 60}
+
+
+def _size_name(size: int) -> str:
+    return f"{size // (1 << 20)} MiB" if size >= 1 << 20 else f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
+
+
+def measure_sealing(cfg: Settings) -> dict[str, Any]:
+    """Sealed against unsealed: the same swarm set-up with and without a seal key.
+
+    For each payload size: ``client.map("noop", payloads, batch=1)`` (one task
+    per item, so every task is sealed and opened once each way), after a
+    warm-up, on a sealed swarm and on an unsealed one (CurveZMQ on both).
+    Figures: tasks/s and MiB/s of arguments each way, and sealed/unsealed.
+    """
+    out: dict[str, Any] = {}
+    for seal in (False, True):
+        tag = "sealed" if seal else "unsealed"
+        with ZlinkSwarm(cfg.workers, cfg.slots, cfg.prefetch, seal=seal) as system:
+            client = system.client
+            for size, base in SEAL_TASKS.items():
+                n = max(10, int(base * cfg.seal_scale))
+                body = os.urandom(size)
+                window = max(4, min(cfg.window, (64 << 20) // size))  # at most ~64 MiB in flight
+                list(client.map("noop", [body] * max(5, n // 10), window=window, batch=1))  # warm-up
+                with watchdog(cfg.budget, lambda c=client: c.close(timeout=2.0)) as fired:
+                    t0 = time.perf_counter()
+                    try:
+                        got = sum(len(r) for r in client.map("noop", [body] * n, window=window, batch=1))
+                    except Exception as exc:
+                        if fired.is_set():
+                            raise BenchError(f"sealing run over its time budget of {cfg.budget:g} s") from exc
+                        raise
+                    wall = time.perf_counter() - t0
+                if got != n * size:
+                    raise BenchError("sealing run: results do not match the arguments")
+                out[f"{tag}_tps_{size}"] = n / wall
+                out[f"{tag}_mibs_{size}"] = n * size / wall / (1 << 20)
+    for size in SEAL_TASKS:
+        out[f"ratio_{size}"] = out[f"sealed_tps_{size}"] / out[f"unsealed_tps_{size}"]
+    return out
 
 
 def measure_throughput(system: System, cfg: Settings) -> dict[str, float]:
@@ -1292,6 +1343,7 @@ SOLO_MEASUREMENTS: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "idle_broker": measure_idle_broker,
     "parallel_speedup": measure_parallel_speedup,
     "map_memory": measure_map_memory,
+    "sealing": measure_sealing,
 }
 #: the systems compared, in the order they run; each is a context manager that starts and stops its processes
 SYSTEMS: dict[str, Callable[[Settings], System]] = {
@@ -1391,6 +1443,21 @@ ROWS: list[Row] = [
     Row("map_memory", "broker_growth_mb", "  broker RSS growth (MB)", "{:,.1f}", limit=100, unit=" MB", strict=True),
     Row("map_memory", "node_growth_mb", "  node RSS growth, largest (MB)", "{:,.1f}"),
     Row("map_memory", "tasks_per_s", "  lazy map tasks/s (window 1,000)", "{:,.0f}", higher_is_better=True),
+    *[
+        row
+        for size in SEAL_TASKS
+        for row in (
+            Row(
+                "sealing",
+                f"ratio_{size}",
+                f"sealed/unsealed throughput, {_size_name(size)} payloads",
+                "{:,.2f}",
+                higher_is_better=True,
+            ),
+            Row("sealing", f"sealed_tps_{size}", "  sealed (tasks/s)", "{:,.0f}", higher_is_better=True),
+            Row("sealing", f"unsealed_tps_{size}", "  unsealed (tasks/s)", "{:,.0f}", higher_is_better=True),
+        )
+    ],
 ]
 
 
@@ -1760,6 +1827,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_tasks=args.batch_tasks or (20_000 if args.quick else 100_000),
         batch_window=args.batch_window,
         mem_items=args.mem_items or (100_000 if args.quick else 1_000_000),
+        seal_scale=0.2 if args.quick else 1.0,
         only=args.only,
     )
     # SIGTERM unwinds through the finally blocks like Ctrl-C, so no child process is left behind
