@@ -19,7 +19,13 @@ batch like any task and never looks inside (see docs/protocol.md):
   per-item timeout in seconds (or nil);
 - result payload (status OK): ``[seconds, [[status, value], ...]]``, one pair
   per item in order: status 0 with the item's result, 1 with an error
-  ``[type, message, traceback, node]``, 2 (timeout) with a message.
+  ``[type, message, traceback, node]``, 2 (timeout) with a message. When the
+  outcomes do not fit in one message, the node sends the leading ones as
+  partial results ``[seconds, outs, start]`` (``start``: the index of
+  ``outs[0]``) and the last ones as the result, also with ``start``.
+- an item that runs past its timeout ends the batch at once: the node answers
+  with the outcomes so far, that item as timed out, and the items after it as
+  timed out without running (a ``map`` stops at the first failed item anyway).
 
 What changes with a batch, and only then: a node loss or a cancel re-runs or
 stops the whole batch (each item still resolves exactly once at the client),
@@ -144,7 +150,7 @@ class Sizer:
 class Batch:
     """Items of one skill sent as one task; ``future`` is set once it is submitted."""
 
-    __slots__ = ("calls", "cells", "future", "outcomes", "payload", "skill")
+    __slots__ = ("calls", "cells", "future", "outcomes", "parts", "payload", "skill")
 
     def __init__(self, skill: str) -> None:
         self.skill = skill
@@ -154,6 +160,26 @@ class Batch:
         self.payload = b""
         #: (ok, value or exception) per item, once decoded
         self.outcomes: list[tuple[bool, Any]] | None = None
+        #: start index -> outcomes, from partial results (a result too big for one message)
+        self.parts: dict[int, list[Any]] = {}
+
+    def add_part(self, value: Any) -> None:
+        """A partial result of this batch (called on the client's I/O thread)."""
+        if type(value) is list and len(value) == 3 and type(value[1]) is list and type(value[2]) is int:
+            self.parts[value[2]] = value[1]
+
+    def assemble(self, final: list[Any], n: int) -> list[Any]:
+        """All ``n`` outcomes from the partial results and the final one (ValueError if any is missing)."""
+        slots: list[Any] = [None] * n
+        parts = dict(self.parts)
+        parts[final[2] if len(final) == 3 else 0] = final[1]
+        for start, outs in parts.items():
+            if type(outs) is not list or start < 0 or start + len(outs) > n:
+                raise ValueError
+            slots[start : start + len(outs)] = outs
+        if any(o is None for o in slots):
+            raise ValueError
+        return slots
 
 
 class MapPlan:
@@ -183,11 +209,29 @@ class MapPlan:
         self.ordered = ordered
         self.timeout = timeout
         self.limit = limit
-        self.sizer = Sizer(window, batch)
+        self.batch = batch
+        #: per skill: skills differ in speed (map_reduce can mix them)
+        self.sizers: dict[str, Sizer] = {}
         self.outstanding = 0  # items pulled and not yet consumed
         self.exhausted = False
         self.order: deque[list[Any]] = deque()  # ordered: one [batch, index] cell per item
         self.live: set[Batch] = set()  # submitted, not yet decoded
+
+    @property
+    def sizer(self) -> Sizer:
+        """The first skill's sizer (a fresh one before any item): the one a one-skill map uses."""
+        return next(iter(self.sizers.values()), None) or Sizer(self.window, self.batch)
+
+    def _sizer(self, skill: str) -> Sizer:
+        sz = self.sizers.get(skill)
+        if sz is None:
+            sz = self.sizers[skill] = Sizer(self.window, self.batch)
+        return sz
+
+    @property
+    def measured(self) -> bool:
+        """Whether a batch size is known (fixed, or any skill timed): the probe phase is over."""
+        return self.batch is not None or any(sz.per_item_s is not None for sz in self.sizers.values())
 
     @property
     def finished(self) -> bool:
@@ -203,12 +247,14 @@ class MapPlan:
         """Pull items while the window has room; returns the batches to submit now."""
         if self.exhausted:
             return []
-        k = self.sizer.size()
+        measured = self.measured
         room = self.window - self.outstanding
-        if self.outstanding and (room < k or not self.sizer.measured):
+        k_min = min((sz.size() for sz in self.sizers.values()), default=1) if self.batch is None else self.batch
+        if self.outstanding and (room < k_min or not measured):
             return []  # wait for room for a whole batch (or for the first timing)
-        if not self.sizer.measured:
+        if not measured:
             room = min(room, PROBE)
+        ks: dict[str, int] = {}
         out: list[Batch] = []
         open_: dict[str, Batch] = {}
         pulled = 0
@@ -222,13 +268,15 @@ class MapPlan:
             b = open_.get(skill)
             if b is None:
                 b = open_[skill] = Batch(skill)
+                if skill not in ks:
+                    ks[skill] = self._sizer(skill).size()
             if ordered:
                 cell = [b, len(b.calls)]
                 b.cells.append(cell)
                 self.order.append(cell)
             b.calls.append(args)
             pulled += 1
-            if len(b.calls) >= k:
+            if len(b.calls) >= ks[skill]:
                 del open_[skill]
                 self._encode(b, out)
         for b in open_.values():
@@ -239,10 +287,9 @@ class MapPlan:
 
     def _encode(self, b: Batch, out: list[Batch]) -> None:
         n = len(b.calls)
-        if self.sizer.fixed == 1:  # batch=1: a plain task, exactly what submit() sends
-            payload = P.pack_value([b.calls[0]])
-        else:
-            payload = P.pack_value({"batch": b.calls, "t": self.timeout})
+        # batch=1: a plain task, exactly what submit() sends
+        single = self.batch == 1
+        payload = P.pack_value([b.calls[0]] if single else {"batch": b.calls, "t": self.timeout})
         if n > 1 and len(payload) > min(self.limit, BATCH_BYTES):
             half = Batch(b.skill)
             half.calls, b.calls = b.calls[n // 2 :], b.calls[: n // 2]
@@ -281,13 +328,17 @@ class MapPlan:
             b.outcomes = [(False, exc)] * n
             return b.outcomes
         value = fut.result()
-        if self.sizer.fixed == 1:
+        if self.batch == 1:
             b.outcomes = [(True, value)]
             return b.outcomes
         tid: bytes = fut.tid
         try:
-            seconds, outs = value
-            if type(outs) is not list or len(outs) != n or not isinstance(seconds, int | float):
+            seconds, outs = value[0], value[1]
+            if not isinstance(seconds, int | float):
+                raise ValueError
+            if len(value) == 3 or b.parts:  # the outcomes came in several messages
+                outs = b.assemble(value, n)
+            if type(outs) is not list or len(outs) != n:
                 raise ValueError
             result: list[tuple[bool, Any]] = []
             for status, v in outs:
@@ -297,13 +348,13 @@ class MapPlan:
                     result.append((False, TaskTimeout(str(v), task_id=tid.hex())))
                 else:
                     result.append((False, outcome_error(Outcome.ERROR, v, tid)))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, KeyError, IndexError):
             err = RemoteProtocolError(
                 f"the node sent an unreadable batch result for task {tid.hex()}", code="bad-payload"
             )
             b.outcomes = [(False, err)] * n
             return b.outcomes
-        self.sizer.observe(float(seconds), n, getattr(fut, "_nbytes", 0))
+        self._sizer(b.skill).observe(float(seconds), n, getattr(fut, "_nbytes", 0))
         b.outcomes = result
         b.calls = []  # the arguments are no longer needed
         return result

@@ -449,7 +449,8 @@ class Client(PeerLink):
         )  # fmt: skip
 
     def _submit_batch(self, plan: MapPlan, b: Batch, max_attempts: int, *, wait: bool = True) -> TaskFuture:
-        fut = self._enqueue(b.skill, b.payload, plan.batch_timeout(b), max_attempts, wait=wait)
+        on_part = None if plan.batch == 1 else b.add_part  # results too big for one message come in parts
+        fut = self._enqueue(b.skill, b.payload, plan.batch_timeout(b), max_attempts, on_partial=on_part, wait=wait)
         b.future, b.payload = fut, b""
         return fut
 
@@ -654,6 +655,7 @@ class Client(PeerLink):
                     try:
                         if sealer is not None:
                             data = self._open(sealer, pend, item.attempt, status, data)
+                        pend.future._nbytes += len(data)
                         pend.future._on_partial(P.unpack_value(data))
                     except (RemoteProtocolError, SealError) as exc:
                         log.warning("dropped a partial result of task %s: %s", item.tid.hex(), exc)
@@ -665,7 +667,7 @@ class Client(PeerLink):
                     if sealer is not None and (status == Outcome.OK or status == Outcome.ERROR):
                         data = self._open(sealer, pend, item.attempt, status, data)
                     if status == Outcome.OK:
-                        pend.future._nbytes = len(data)
+                        pend.future._nbytes += len(data)
                         _resolve(pend.future, P.unpack_value(data))
                     else:
                         _resolve(pend.future, exc=_outcome_error(status, data, item.tid))

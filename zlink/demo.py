@@ -181,19 +181,28 @@ class LocalSwarm:
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGCONT)
-        for p in reversed(self.procs):
+        nodes = [p for p in self.procs if p is not self.broker]
+        for p in nodes:
             if p.poll() is None:
-                if kill and p is not self.broker:
+                if kill:
                     p.kill()
                 else:
                     p.send_signal(signal.SIGTERM)
+        # the broker last: draining nodes wait for it to acknowledge their final results
         deadline = time.monotonic() + 5
-        for p in self.procs:
+        for p in nodes:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if self.broker is not None and self.broker.poll() is None:
+            self.broker.send_signal(signal.SIGTERM)
+            try:
+                self.broker.wait(5)
+            except subprocess.TimeoutExpired:
+                self.broker.kill()
+                self.broker.wait()
         self.procs.clear()
         if self._own_home:
             shutil.rmtree(self.home, ignore_errors=True)

@@ -216,6 +216,20 @@ _Seal = tuple[str, bytes] | None
 _SEALED: Final = frozenset({Outcome.OK, Outcome.ERROR, Outcome.PARTIAL})
 
 
+class _BatchRun:
+    """A batch being run: shared by its worker thread and the I/O thread's hang check."""
+
+    __slots__ = ("began", "ended", "item_start", "lock", "n", "outs", "timeout")
+
+    def __init__(self, n: int, timeout: float | None) -> None:
+        self.n = n
+        self.timeout = timeout
+        self.outs: list[list[Any]] = []
+        self.began = self.item_start = time.monotonic()
+        self.ended = False  # answered: by the worker at the end, or by the I/O thread on a hang
+        self.lock = threading.Lock()
+
+
 class _Job:
     __slots__ = ("ctx", "item", "payload")
 
@@ -304,6 +318,8 @@ class Node(PeerLink):
         self._sealer = NodeSealer(self.seal_key) if self.seal_key is not None else None
         #: tasks that failed to open (tampered, wrong seal key, unsealed in a sealed swarm)
         self.seal_failures = 0
+        #: batches with a per-item timeout, watched for hung items by the I/O thread
+        self._batch_runs: dict[bytes, tuple[TaskContext, _BatchRun]] = {}
         self._draining = False
         self.completed = 0
 
@@ -527,6 +543,10 @@ class Node(PeerLink):
     def on_poll(self) -> None:
         self._flush_results()
 
+    def on_tick(self, now: float) -> None:
+        if self._batch_runs:
+            self._abandon_hung_batches(now)
+
     def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
         self._start_heartbeats(welcome)
         # results the broker never acknowledged (it may have restarted): send again
@@ -594,10 +614,11 @@ class Node(PeerLink):
             if ctx._cancelled:
                 self._finish(item.tid, ctx.attempt, Outcome.CANCELLED, P.pack_value("cancelled before it started"))
                 continue
-            status, payload = self._execute(job)
-            self._finish(item.tid, ctx.attempt, status, payload, ctx._seal)
+            answer = self._execute(job)
+            if answer is not None:  # None: answered already (a batch with a hung item)
+                self._finish(item.tid, ctx.attempt, answer[0], answer[1], ctx._seal)
 
-    def _execute(self, job: _Job) -> tuple[int, bytes]:
+    def _execute(self, job: _Job) -> tuple[int, bytes] | None:
         item, ctx = job.item, job.ctx
         spec = self.skills.get(item.skill)
         if spec is None:
@@ -662,35 +683,101 @@ class Node(PeerLink):
 
     def _execute_batch(
         self, spec: SkillSpec, ctx: TaskContext, items: list[list[Any]], item_timeout: float | None
-    ) -> tuple[int, bytes]:
-        """Run a batched map's items one after another (see zlink/_batch.py): one outcome each."""
-        outs: list[list[Any]] = []
-        clock = time.perf_counter
-        start = clock()
+    ) -> tuple[int, bytes] | None:
+        """Run a batched map's items one after another (see zlink/_batch.py): one outcome each.
+
+        None: the I/O thread already answered for this batch (an item hung past its timeout).
+        """
+        run = _BatchRun(len(items), item_timeout)
+        outs = run.outs
+        clock = time.monotonic
         fn = spec.fn
         plain = not (spec.is_async or spec.is_generator)
+        tid = ctx._tid
+        if item_timeout is not None:
+            self._batch_runs[tid] = (ctx, run)
         token = _current.set(ctx)
         try:
             for args in items:
                 if ctx._cancelled:
                     return Outcome.CANCELLED, P.pack_value("cancelled")
-                t0 = clock()
+                t0 = run.item_start = clock()
                 try:
                     result = fn(*args) if plain else self._call(spec, ctx, args, {}, partials=False)
                 except BaseException as exc:
                     if ctx._cancelled:
                         return Outcome.CANCELLED, P.pack_value("cancelled")
-                    outs.append([ITEM_ERROR, _error_value(_as_task_error(exc), self.name)])
-                    continue
-                if item_timeout is not None and clock() - t0 > item_timeout:
-                    outs.append(
-                        [ITEM_TIMEOUT, f"item {len(outs)} of a batch ran over its timeout of {item_timeout:g} s"]
-                    )
+                    out = [ITEM_ERROR, _error_value(_as_task_error(exc), self.name)]
                 else:
-                    outs.append([ITEM_OK, result])
+                    if item_timeout is not None and clock() - t0 > item_timeout:
+                        out = [ITEM_TIMEOUT, f"batch item {len(outs)} ran over its timeout of {item_timeout:g} s"]
+                    else:
+                        out = [ITEM_OK, result]
+                with run.lock:
+                    if run.ended:
+                        return None
+                    outs.append(out)
+            with run.lock:
+                if run.ended:
+                    return None
+                run.ended = True
         finally:
             _current.reset(token)
-        return Outcome.OK, pack_batch_result(clock() - start, outs, lambda e: _error_value(e, self.name))
+            if item_timeout is not None:
+                self._batch_runs.pop(tid, None)
+        return self._batch_answer(ctx, clock() - run.began, outs)
+
+    def _abandon_hung_batches(self, now: float) -> None:
+        """An item ran past its timeout and has not returned: answer for its batch now.
+
+        The items before it keep their outcomes; it and the ones after it are
+        reported as timed out (the after ones never ran). The worker thread stays
+        with the hung call until it returns, as for any timed-out task.
+        """
+        for tid, (ctx, run) in list(self._batch_runs.items()):
+            with run.lock:
+                t = run.timeout
+                if run.ended or t is None or now - run.item_start <= t:
+                    continue
+                run.ended = True
+                i = len(run.outs)
+                outs = [
+                    *run.outs,
+                    [ITEM_TIMEOUT, f"batch item {i} ran over its timeout of {t:g} s (still running)"],
+                    *[[ITEM_TIMEOUT, f"not run: batch item {i} before it hung past the timeout"]] * (run.n - i - 1),
+                ]
+            self._batch_runs.pop(tid, None)
+            log.warning("task %s (%s): batch item %d of %d hung past %g s; answered", tid.hex(), ctx.skill, i, run.n, t)
+            answer = self._batch_answer(ctx, now - run.began, outs)
+            self._finish(tid, ctx.attempt, answer[0], answer[1], ctx._seal)
+
+    def _batch_answer(self, ctx: TaskContext, seconds: float, outs: list[list[Any]]) -> tuple[int, bytes]:
+        """The batch's result; outcomes too big for one message go ahead as partial results."""
+        payload = pack_batch_result(seconds, outs, lambda e: _error_value(e, self.name))
+        limit = self.max_message_size - 4096 - SEAL_OVERHEAD - 64
+        if len(payload) <= limit:
+            return Outcome.OK, payload
+        groups: list[tuple[int, list[list[Any]]]] = []
+        group: list[list[Any]] = []
+        size, start = 0, 0
+        for i, out in enumerate(outs):
+            n = len(P.pack_value(out))
+            if n > limit:
+                err = ValueError(
+                    f"the result is {n} bytes; the broker accepts at most {self.max_message_size} per message"
+                )
+                out = [ITEM_ERROR, _error_value(err, self.name)]
+                n = len(P.pack_value(out))
+            if group and size + n > limit:
+                groups.append((start, group))
+                group, size, start = [], 0, i
+            group.append(out)
+            size += n
+        groups.append((start, group))
+        for first, part in groups[:-1]:
+            self._done.append((ctx._tid, ctx.attempt, Outcome.PARTIAL, P.pack_value([seconds, part, first]), ctx._seal))
+        first, part = groups[-1]
+        return Outcome.OK, P.pack_value([seconds, part, first])
 
     def _drive(self, gen: Any, ctx: TaskContext, partials: bool = True) -> Any:
         """Run a generator skill: stream every yielded value; its return value is the result."""
