@@ -45,6 +45,8 @@ __all__ = ["AsyncClient", "Client", "Executor", "TaskFuture", "TaskStream"]
 log = logging.getLogger("zlink.client")
 
 _BATCH_ITEMS: Final = 1000
+#: seconds between a client's liveness pings to the broker
+CLIENT_PING: Final = 5.0
 
 
 class TaskFuture(cf.Future[Any]):
@@ -61,6 +63,8 @@ class TaskFuture(cf.Future[Any]):
         self._nbytes = 0
         #: counted against the client's backpressure bound until resolved
         self._counted = False
+        #: (attempt, number) of the last sealed partial result taken
+        self._pseq = (-1, 0)
 
     @property
     def task_id(self) -> str:
@@ -200,6 +204,7 @@ class Client(PeerLink):
         self._unresolved = 0
         self._room = threading.Condition()
         self._cancel_backlog: set[bytes] = set()
+        self._pinged = time.monotonic()
         #: sealed payloads: tasks sealed for the nodes, results opened (None: unsealed swarm)
         self._sealer = ClientSealer(self.seal_key) if self.seal_key is not None else None
         #: results that failed to open (tampered, wrong seal key, unsealed in a sealed swarm)
@@ -654,7 +659,7 @@ class Client(PeerLink):
                         continue
                     try:
                         if sealer is not None:
-                            data = self._open(sealer, pend, item.attempt, status, data)
+                            data = self._open_partial(sealer, pend, item.attempt, data)
                         pend.future._nbytes += len(data)
                         pend.future._on_partial(P.unpack_value(data))
                     except (RemoteProtocolError, SealError) as exc:
@@ -688,6 +693,18 @@ class Client(PeerLink):
             else:
                 log.warning("broker error %s: %s", err.code, err.message)
 
+    def _open_partial(self, sealer: ClientSealer, pend: _Pending, attempt: int, data: bytes | memoryview) -> bytes:
+        """A sealed partial result: opened, and its sequence number checked (no repeats, no reordering)."""
+        plain = self._open(sealer, pend, attempt, Outcome.PARTIAL, data)
+        seq = int.from_bytes(plain[:4], "big")
+        fut = pend.future
+        last_attempt, last = fut._pseq
+        if attempt == last_attempt and seq <= last:
+            self.seal_failures += 1
+            raise SealError(f"a partial result of task {pend.spec.tid.hex()} was repeated or reordered; dropped")
+        fut._pseq = (attempt, seq)
+        return plain[4:]
+
     def _open(self, sealer: ClientSealer, pend: _Pending, attempt: int, status: int, data: bytes | memoryview) -> bytes:
         """A sealed result's plaintext; counts and raises :class:`SealError` when it does not open."""
         tid = pend.spec.tid
@@ -709,6 +726,9 @@ class Client(PeerLink):
             raise err from None
 
     def on_tick(self, now: float) -> None:
+        if self.welcome is not None and now - self._pinged >= CLIENT_PING:
+            self._pinged = now  # liveness: a broker forgets a client silent for 30 s
+            self.send(P.Heartbeat(session=self.session, epoch=self.epoch))
         heap = self._deadlines
         expired: list[bytes] = []
         while heap and heap[0][0] <= now:

@@ -175,7 +175,7 @@ def load_skills_module(target: str) -> types.ModuleType:
 class TaskContext:
     """What a running skill can learn about its task: ``zlink.current_task()``."""
 
-    __slots__ = ("_cancelled", "_future", "_seal", "_tid", "attempt", "deadline", "id", "skill")
+    __slots__ = ("_cancelled", "_future", "_pseq", "_seal", "_tid", "attempt", "deadline", "id", "skill")
 
     def __init__(self, tid: bytes, skill_name: str, attempt: int, timeout: float | None) -> None:
         self._tid = tid
@@ -186,6 +186,7 @@ class TaskContext:
         self._cancelled = False
         self._future: Any = None
         self._seal: _Seal = None
+        self._pseq = 0  # sealed partial results sent so far
 
     @property
     def cancelled(self) -> bool:
@@ -588,7 +589,10 @@ class Node(PeerLink):
             if status != Outcome.PARTIAL and status != Outcome.RETURNED:
                 self._unacked[tid] = (attempt, status, payload, seal)  # until the broker ACKs it
             if seal is not None and sealer is not None and status in _SEALED:
-                payload = sealer.seal_result(seal[1], tid, seal[0], attempt, status, payload)
+                try:
+                    payload = sealer.seal_result(seal[1], tid, seal[0], attempt, status, payload)
+                except SealError as exc:  # checked when the task opened; cannot happen, never fatal
+                    status, payload = Outcome.ERROR, _error_payload(exc, self.name)
             if items and (len(items) >= 1000 or size + len(payload) + 40 > limit):
                 self.send(P.Result(results=tuple(items)), frames)
                 items, frames, size = [], [], 0
@@ -775,7 +779,7 @@ class Node(PeerLink):
             size += n
         groups.append((start, group))
         for first, part in groups[:-1]:
-            self._done.append((ctx._tid, ctx.attempt, Outcome.PARTIAL, P.pack_value([seconds, part, first]), ctx._seal))
+            self._emit_partial(ctx, P.pack_value([seconds, part, first]))
         first, part = groups[-1]
         return Outcome.OK, P.pack_value([seconds, part, first])
 
@@ -793,9 +797,15 @@ class Node(PeerLink):
             return stop.value
 
     def _partial(self, ctx: TaskContext, value: Any) -> None:
-        payload = P.pack_value(value)  # TypeError here fails the task, as for a result
-        self._done.append((ctx._tid, ctx.attempt, Outcome.PARTIAL, payload, ctx._seal))
+        self._emit_partial(ctx, P.pack_value(value))  # TypeError here fails the task, as for a result
         self._waker.wake()
+
+    def _emit_partial(self, ctx: TaskContext, payload: bytes) -> None:
+        if ctx._seal is not None:
+            # numbered inside the seal: the client drops a partial that is repeated or out of order
+            ctx._pseq += 1
+            payload = ctx._pseq.to_bytes(4, "big") + payload
+        self._done.append((ctx._tid, ctx.attempt, Outcome.PARTIAL, payload, ctx._seal))
 
     def _run_async(
         self, spec: SkillSpec, ctx: TaskContext, args: list[Any], kwargs: dict[str, Any], partials: bool = True

@@ -459,7 +459,8 @@ class Cancel(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat(Message):
-    """Node to broker on the heartbeat PUB/SUB channel."""
+    """Node to broker on the heartbeat PUB/SUB channel; also a client's liveness
+    ping on the main socket (``session`` and ``epoch`` only), every few seconds."""
 
     COMMAND: ClassVar[str] = "HEARTBEAT"
     session: bytes

@@ -136,6 +136,9 @@ class SchedulerConfig:
     max_submit_rate: float = 100_000.0
     #: how long a restarted broker keeps a result whose client has not resubmitted yet
     orphan_ttl: float = 60.0
+    #: a client not heard from for this long is gone: its tasks are cancelled and forgotten
+    #: (clients send a HEARTBEAT every CLIENT_PING seconds; a returning client resubmits)
+    client_timeout: float = 30.0
 
     @property
     def node_timeout(self) -> float:
@@ -276,9 +279,10 @@ class Scheduler:
         self.counters: dict[str, int] = {
             "submitted": 0, "dispatched": 0, "done": 0, "failed": 0, "requeued": 0,
             "lost": 0, "timed_out": 0, "cancelled": 0, "rejected": 0, "stale_results": 0,
-            "undeliverable": 0, "nodes_died": 0, "protocol_errors": 0,
+            "undeliverable": 0, "nodes_died": 0, "protocol_errors": 0, "clients_gone": 0,
         }  # fmt: skip
         self.errors: dict[str, int] = {}
+        self._client_sweep = 0.0  # next look for silent clients
         #: client key -> tasks it has at the broker (the quota counts keys, not sessions)
         self.key_tasks: dict[str, int] = {}
         #: client key -> [tokens, last refill]: the submission rate limit
@@ -374,6 +378,8 @@ class Scheduler:
                 self._error(ev.route, "forbidden", f"role {peer.identity.role!r} may not read status")
         elif t is P.Bye:
             self._drop_peer(peer, "bye")
+        elif t is P.Heartbeat and type(peer) is Client:
+            pass  # a client's liveness ping: last_seen is all it updates
         elif t is P.Drain and type(peer) is Node:
             peer.draining = True
             peer.capacity = 0
@@ -722,6 +728,12 @@ class Scheduler:
         if self.orphans:
             for tid in [t for t, (_, _, exp, _) in self.orphans.items() if exp <= now]:
                 del self.orphans[tid]
+        if now >= self._client_sweep:
+            self._client_sweep = now + 1.0
+            quiet = now - self.config.client_timeout
+            for client in [c for c in self.clients.values() if c.last_seen < quiet]:
+                self.counters["clients_gone"] += 1
+                self._drop_peer(client, "silent")
         horizon = now - self.config.node_timeout
         dead = [n for n in self.nodes.values() if n.last_seen < horizon]
         for node in dead:  # all of them first, so none gets the others' tasks
@@ -993,7 +1005,7 @@ class Scheduler:
             self._requeue(peer, died=why in ("dead", "gone"))
         elif type(peer) is Client:
             self.clients.pop(peer.session, None)
-            if why in ("bye", "revoked"):
+            if why in ("bye", "revoked", "silent"):
                 for tid in list(peer.tasks):
                     task = self.tasks.get(tid)
                     if task is not None:

@@ -150,6 +150,11 @@ class SealKey:
         return ChaCha20Poly1305(_hkdf(shared, self._key, b"zlink result v1" + node_pub + client_pub))
 
 
+def _task_nonce(tid: bytes) -> bytes:
+    """The task id's counter (its last 8 bytes; any length of id gives 12 bytes)."""
+    return tid[-_TID_COUNTER:].rjust(_NONCE, b"\0")
+
+
 def _task_ad(tid: bytes, skill: str) -> bytes:
     return b"zlink task\0" + tid + b"\0" + skill.encode()
 
@@ -190,7 +195,7 @@ class ClientSealer:
         self._results = _Cache()
 
     def seal_task(self, tid: bytes, skill: str, plain: bytes) -> bytes:
-        nonce = bytes(_NONCE - _TID_COUNTER) + tid[-_TID_COUNTER:]
+        nonce = _task_nonce(tid)
         return TASK_MAGIC + self.public + self._task.encrypt(nonce, plain, _task_ad(tid, skill))
 
     def _result_aead(self, node_pub: bytes) -> ChaCha20Poly1305:
@@ -233,17 +238,21 @@ class NodeSealer:
             raise SealError(f"task {tid.hex()} is not sealed, and this node accepts only sealed tasks")
         client_pub = bytes(data[3 : 3 + _PUB])
         aead = self._tasks.get_or(client_pub, self.key.task_aead)
-        nonce = bytes(_NONCE - _TID_COUNTER) + tid[-_TID_COUNTER:]
+        nonce = _task_nonce(tid)
         try:
             plain = aead.decrypt(nonce, bytes(data[3 + _PUB :]), _task_ad(tid, skill))
         except InvalidTag:
             raise SealError(
                 f"task {tid.hex()} failed to open: tampered with, or sealed with another seal key"
             ) from None
+        self._results.get_or(client_pub, self._result_aead)  # the key agreement, checked now
         return plain, client_pub
 
     def _result_aead(self, client_pub: bytes) -> ChaCha20Poly1305:
-        shared = self._sk.exchange(X25519PublicKey.from_public_bytes(client_pub))
+        try:
+            shared = self._sk.exchange(X25519PublicKey.from_public_bytes(client_pub))
+        except ValueError:  # e.g. a low-order point: no shared secret
+            raise SealError("a task names an invalid client key") from None
         return self.key.result_aead(shared, self.public, client_pub)
 
     def seal_result(self, client_pub: bytes, tid: bytes, skill: str, attempt: int, status: int, plain: bytes) -> bytes:
