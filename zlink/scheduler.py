@@ -64,6 +64,10 @@ TASK_TRANSITIONS: Final[dict[tuple[str, str], str]] = {
 # --------------------------------------------------------------------------- events and actions
 
 
+#: the broker's submission rate limit allows this much more than clients pace themselves to
+RATE_HEADROOM: Final = 1.2
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Who a connection authenticated as (from the broker's key table)."""
@@ -134,6 +138,8 @@ class SchedulerConfig:
     #: most new tasks per second one client key may submit, in bursts of up to one second's worth
     #: (0: no limit); resubmissions to a restarted broker do not count
     max_submit_rate: float = 100_000.0
+    #: the broker allows this factor over the rate that clients pace themselves to
+    rate_headroom: float = RATE_HEADROOM
     #: how long a restarted broker keeps a result whose client has not resubmitted yet
     orphan_ttl: float = 60.0
     #: a client not heard from for this long is gone: its tasks are cancelled and forgotten
@@ -539,10 +545,14 @@ class Scheduler:
         rate = cfg.max_submit_rate
         bucket: list[float] | None = None
         if rate > 0 and not (msg.resubmit and now < self._restart_grace_end):
+            # headroom over the clients' own pacing (one second's burst at the nominal
+            # rate): their bucket starts a round trip earlier than ours, and messages jitter
+            headroom = cfg.rate_headroom
+            cap = max(1.0, rate) * headroom + (headroom > 1.0)
             bucket = self.key_rate.get(key)
             if bucket is None:
-                bucket = self.key_rate[key] = [max(1.0, rate), now]
-            bucket[0] = min(max(1.0, rate), bucket[0] + (now - bucket[1]) * rate)
+                bucket = self.key_rate[key] = [cap, now]
+            bucket[0] = min(cap, bucket[0] + (now - bucket[1]) * rate * headroom)
             bucket[1] = now
         for spec, payload in zip(msg.tasks, frames, strict=True):
             tid = spec.tid
