@@ -663,7 +663,7 @@ class Client(PeerLink):
                         pend.future._nbytes += len(data)
                         pend.future._on_partial(P.unpack_value(data))
                     except (RemoteProtocolError, SealError) as exc:
-                        log.warning("dropped a partial result of task %s: %s", item.tid.hex(), exc)
+                        log.warning("dropped a partial of task %s: %s", item.tid.hex(), exc)
                     continue
                 pend = pending.pop(item.tid, None)
                 if pend is None:
