@@ -74,8 +74,9 @@ class Outcome:
     REJECTED: Final = 5  #: the task was refused (bad skill name, quota, ...)
     PARTIAL: Final = 6  #: a partial result from a generator skill; more follow
     RETURNED: Final = 7  #: a draining node hands back a task it did not start
+    QUESTION: Final = 8  #: the running skill asks its client something (``ask``); an ANSWER resumes it
 
-    ALL: Final = frozenset({0, 1, 2, 3, 4, 5, 6, 7})
+    ALL: Final = frozenset({0, 1, 2, 3, 4, 5, 6, 7, 8})
     FINAL: Final = frozenset({0, 1, 2, 3, 4, 5})
     NAMES: Final = {
         0: "ok",
@@ -86,6 +87,7 @@ class Outcome:
         5: "rejected",
         6: "partial",
         7: "returned",
+        8: "question",
     }
 
 
@@ -553,11 +555,120 @@ class Drain(Message):
     SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("reason", _v_str(4096)),)
 
 
+# --------------------------------------------------------------------------- agent messaging
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendMessage(Message):
+    """Peer to broker: a message for the peer named ``to`` (one payload frame).
+
+    The broker holds it up to ``ttl`` seconds if that peer is not connected and
+    answers with SENT once it is delivered or cannot be.
+    """
+
+    COMMAND: ClassVar[str] = "SEND"
+    to: str
+    mid: bytes
+    ttl: float = 60.0
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
+        ("to", _v_str(MAX_NAME)),
+        ("mid", _v_id),
+        ("ttl", _v_float(0.0, 86_400.0)),
+    )
+
+    def payload_count(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Publish(Message):
+    """Peer to broker: a message for every subscriber of ``topic`` (one payload frame)."""
+
+    COMMAND: ClassVar[str] = "PUBLISH"
+    topic: str
+    mid: bytes
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("topic", _v_str(MAX_NAME)), ("mid", _v_id))
+
+    def payload_count(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Subscribe(Message):
+    """Peer to broker: start (or with ``stop``, end) receiving these topics."""
+
+    COMMAND: ClassVar[str] = "SUBSCRIBE"
+    topics: tuple[str, ...]
+    stop: bool = False
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
+        ("topics", _v_list(_v_str(MAX_NAME), 1024)),
+        ("stop", _v_bool),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deliver(Message):
+    """Broker to peer: a message. ``sender`` is the name of the key the broker
+    authenticated the sender with; ``topic`` is "" for a direct message."""
+
+    COMMAND: ClassVar[str] = "DELIVER"
+    sender: str
+    mid: bytes
+    topic: str = ""
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
+        ("sender", _v_str(MAX_NAME)),
+        ("mid", _v_id),
+        ("topic", _v_str(MAX_NAME)),
+    )
+
+    def payload_count(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sent(Message):
+    """Broker to sender: message ``mid`` was delivered (``ok``), or why it was not."""
+
+    COMMAND: ClassVar[str] = "SENT"
+    mid: bytes
+    ok: bool = True
+    reason: str = ""
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
+        ("mid", _v_id),
+        ("ok", _v_bool),
+        ("reason", _v_str(4096)),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Answer(Message):
+    """Client to broker to node: the reply to question ``seq`` of task ``tid`` (one payload frame)."""
+
+    COMMAND: ClassVar[str] = "ANSWER"
+    tid: bytes
+    seq: int
+    attempt: int = 0  # filled in by the broker towards the node
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
+        ("tid", _v_id),
+        ("seq", _v_int(1, 2**31)),
+        ("attempt", _v_int(0, MAX_ATTEMPT)),
+    )
+
+    def payload_count(self) -> int:
+        return 1
+
+
 COMMANDS: Final[dict[str, type[Message]]] = {
     cls.COMMAND: cls
     for cls in (
         Hello, Welcome, Submit, Dispatch, Result, Cancel, Heartbeat, Beacon, Status, StatusReply, Error, Bye, Ack,
-        Drain,
+        Drain, SendMessage, Publish, Subscribe, Deliver, Sent, Answer,
     )
 }  # fmt: skip
 

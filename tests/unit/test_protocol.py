@@ -111,6 +111,12 @@ STRATEGIES: dict[str, st.SearchStrategy[P.Message]] = {
     "BYE": st.builds(P.Bye, reason=text(4096)),
     "ACK": st.builds(P.Ack, tids=batch(ids)),
     "DRAIN": st.builds(P.Drain, reason=text(4096)),
+    "SEND": st.builds(P.SendMessage, to=names, mid=ids, ttl=st.floats(0.0, 86_400.0)),
+    "PUBLISH": st.builds(P.Publish, topic=names, mid=ids),
+    "SUBSCRIBE": st.builds(P.Subscribe, topics=st.lists(names, max_size=10).map(tuple), stop=st.booleans()),
+    "DELIVER": st.builds(P.Deliver, sender=names, mid=ids, topic=names),
+    "SENT": st.builds(P.Sent, mid=ids, ok=st.booleans(), reason=text(4096)),
+    "ANSWER": st.builds(P.Answer, tid=ids, seq=st.integers(1, 2**31), attempt=st.integers(0, P.MAX_ATTEMPT)),
 }
 
 any_message = st.sampled_from(sorted(STRATEGIES)).flatmap(lambda c: STRATEGIES[c])
@@ -131,6 +137,12 @@ MINIMAL: dict[str, P.Message] = {
     "BYE": P.Bye(),
     "ACK": P.Ack(tids=(b"t1",)),
     "DRAIN": P.Drain(),
+    "SEND": P.SendMessage(to="bob", mid=b"m1"),
+    "PUBLISH": P.Publish(topic="news", mid=b"m2"),
+    "SUBSCRIBE": P.Subscribe(topics=("news",)),
+    "DELIVER": P.Deliver(sender="alice", mid=b"m1"),
+    "SENT": P.Sent(mid=b"m1"),
+    "ANSWER": P.Answer(tid=b"t1", seq=1),
 }
 
 REQUIRED: dict[str, set[str]] = {
@@ -148,6 +160,12 @@ REQUIRED: dict[str, set[str]] = {
     "BYE": set(),
     "ACK": {"tids"},
     "DRAIN": set(),
+    "SEND": {"to", "mid"},
+    "PUBLISH": {"topic", "mid"},
+    "SUBSCRIBE": {"topics"},
+    "DELIVER": {"sender", "mid"},
+    "SENT": {"mid"},
+    "ANSWER": {"tid", "seq"},
 }
 
 #: values no validator in the protocol accepts, whatever the field
