@@ -8,25 +8,38 @@ a socket: they hand closures to the I/O thread with :meth:`call_soon`.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures as cf
+import itertools
 import logging
 import math
 import os
+import queue
 import random
 import socket
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as P
-from .errors import AuthenticationError, ClosedError, ConnectError, RemoteProtocolError, ZlinkError
-from .seal import SealKey
+from .errors import (
+    AuthenticationError,
+    ClosedError,
+    ConnectError,
+    LoopGuarded,
+    RemoteProtocolError,
+    SealError,
+    Undeliverable,
+    ZlinkError,
+)
+from .seal import MessageSealer, SealKey
 from .security import Join, resolve_seal_key
 
 log = logging.getLogger("zlink.peer")
@@ -103,6 +116,16 @@ class Waker:
         self.w.close()
 
 
+class Message(NamedTuple):
+    """An agent message as received: ``sender`` is the name of the key the broker
+    authenticated the sender with; ``topic`` is "" for a direct message."""
+
+    sender: str
+    body: Any
+    topic: str = ""
+    id: str = ""
+
+
 class PeerLink(ABC):
     """Base of Node and Client: connection, handshake, epochs, the I/O loop.
 
@@ -150,6 +173,15 @@ class PeerLink(ABC):
         self._hello_backoff = 1.0
         self._beacon_endpoint = ""
         self.dropped_sends = 0
+        # agent messaging
+        self._inbox: queue.Queue[Message | BaseException] = queue.Queue()
+        self._sending: dict[bytes, cf.Future[None]] = {}
+        self._unsent: deque[tuple[str, str, bytes, bytes, float]] = deque()
+        self._topics: set[str] = set()
+        self._mids = itertools.count(1)
+        self._msg_sealer = MessageSealer(self.seal_key) if self.seal_key is not None else None
+        #: payloads that failed to open (tampered, wrong seal key, unsealed in a sealed swarm)
+        self.seal_failures = 0
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._thread = threading.Thread(target=self._run, name=f"zlink-{self.hat}-io", daemon=True)
 
@@ -206,6 +238,122 @@ class PeerLink(ABC):
         self._calls.append(fn)
         self._waker.wake()
 
+    # ------------------------------------------------------------------ agent messaging (any thread)
+
+    def send(self, to: str, message: Any, *, ttl: float = 60.0) -> cf.Future[None]:
+        """Send ``message`` (a msgpack value) to the peer named ``to``; returns a future.
+
+        The future resolves once the broker delivered it, or fails with
+        :class:`~zlink.Undeliverable` (``to`` did not connect within ``ttl``
+        seconds) or :class:`~zlink.LoopGuarded`. The recipient sees this peer's
+        key name as the sender, as the broker authenticated it.
+        """
+        if not isinstance(to, str) or not to or len(to) > P.MAX_NAME:
+            raise ValueError(f"invalid peer name {to!r}")
+        return self._send_message(to, "", message, ttl)
+
+    def publish(self, topic: str, message: Any) -> cf.Future[None]:
+        """Send ``message`` to every current subscriber of ``topic``; the future resolves when the
+        broker has fanned it out (it fails with :class:`~zlink.Undeliverable` if this key may not publish)."""
+        if not isinstance(topic, str) or not topic or len(topic) > P.MAX_NAME:
+            raise ValueError(f"invalid topic {topic!r}")
+        return self._send_message("", topic, message, 0.0)
+
+    def subscribe(self, *topics: str) -> None:
+        """Receive the messages published to these topics (through :meth:`receive`)."""
+        self._topics.update(topics)
+        self.call_soon(lambda: self._post(P.Subscribe(topics=tuple(topics))) if self.welcome else None)
+
+    def unsubscribe(self, *topics: str) -> None:
+        self._topics.difference_update(topics)
+        self.call_soon(lambda: self._post(P.Subscribe(topics=tuple(topics), stop=True)) if self.welcome else None)
+
+    def receive(self, timeout: float | None = None) -> Message:
+        """The next message for this peer (direct or from a topic); ``TimeoutError`` after ``timeout``.
+
+        Raises :class:`~zlink.LoopGuarded` once when the broker paused one of this
+        peer's conversations.
+        """
+        try:
+            item = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no message within {timeout:g} s") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def inbox(self) -> AsyncIterator[Message]:
+        """``async for msg in peer.inbox()``: every message as it arrives (forever)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                yield self.receive(timeout=0)
+            except TimeoutError:
+                await loop.run_in_executor(None, self._wait_inbox)
+
+    def _wait_inbox(self) -> None:
+        with self._inbox.not_empty:
+            while not self._inbox.queue and not self.closed:
+                self._inbox.not_empty.wait(0.5)
+
+    def _send_message(self, to: str, topic: str, message: Any, ttl: float) -> cf.Future[None]:
+        if self.closed:
+            raise ClosedError(f"this {self.hat} is closed")
+        plain = P.pack_value(message)
+        mid = next(self._mids).to_bytes(8, "big") + os.urandom(4)
+        fut: cf.Future[None] = cf.Future()
+        self._sending[mid] = fut
+
+        def go() -> None:
+            if self.welcome is None:
+                self._unsent.append((to, topic, mid, plain, ttl))  # sent after WELCOME
+                return
+            self._post_message(to, topic, mid, plain, ttl)
+
+        self.call_soon(go)
+        return fut
+
+    def _post_message(self, to: str, topic: str, mid: bytes, plain: bytes, ttl: float) -> None:
+        payload = plain
+        if self._msg_sealer is not None:
+            me = self.welcome.key_name if self.welcome is not None else ""
+            payload = self._msg_sealer.seal(me, to or "#" + topic, mid, plain)
+        if topic:
+            self._post(P.Publish(topic=topic, mid=mid), [payload])
+        else:
+            self._post(P.SendMessage(to=to, mid=mid, ttl=ttl), [payload])
+
+    def _messaging_welcome(self) -> None:
+        """After every WELCOME (I/O thread): topics again (a new broker knows none), then what waited."""
+        if self._topics:
+            self._post(P.Subscribe(topics=tuple(self._topics)))
+        while self._unsent:
+            self._post_message(*self._unsent.popleft())
+
+    def _on_deliver(self, msg: P.Deliver, frames: list[zmq.Frame]) -> None:
+        data: bytes | memoryview = frames[0].buffer
+        try:
+            if self._msg_sealer is not None:
+                me = self.welcome.key_name if self.welcome is not None else ""
+                data = self._msg_sealer.open(msg.sender, "#" + msg.topic if msg.topic else me, msg.mid, data)
+            body = P.unpack_value(data)
+        except (SealError, RemoteProtocolError) as exc:
+            self.seal_failures += 1
+            log.warning("dropped a message from %s: %s", msg.sender, exc)
+            return
+        self._inbox.put(Message(msg.sender, body, msg.topic, msg.mid.hex()))
+
+    def _on_sent(self, msg: P.Sent) -> None:
+        fut = self._sending.pop(msg.mid, None)
+        if fut is None or fut.done():
+            return
+        if msg.ok:
+            fut.set_result(None)
+        elif msg.reason.startswith("loop-guard"):
+            fut.set_exception(LoopGuarded(msg.reason))
+        else:
+            fut.set_exception(Undeliverable(msg.reason))
+
     # ------------------------------------------------------------------ hooks
 
     @abstractmethod
@@ -235,7 +383,7 @@ class PeerLink(ABC):
 
     # ------------------------------------------------------------------ I/O thread
 
-    def send(self, msg: P.Message, frames: list[Any] | None = None) -> None:
+    def _post(self, msg: P.Message, frames: list[Any] | None = None) -> None:
         """Send on the DEALER (I/O thread only)."""
         header = P.encode(msg)
         try:
@@ -254,7 +402,7 @@ class PeerLink(ABC):
 
     def _send_hello(self) -> None:
         self._hello_sent = time.monotonic()
-        self.send(self.hello())
+        self._post(self.hello())
 
     def _run(self) -> None:
         ctx = self._ctx
@@ -328,7 +476,7 @@ class PeerLink(ABC):
             try:
                 if self.welcome is not None and self._fatal is None:
                     self.on_close()
-                    self.send(P.Bye(reason="closing"))
+                    self._post(P.Bye(reason="closing"))
             finally:
                 try:
                     sock.disable_monitor()
@@ -401,14 +549,24 @@ class PeerLink(ABC):
         except RemoteProtocolError as exc:
             log.warning("dropped a malformed message from the broker: %s", exc)
             return
-        if type(msg) is P.Welcome:
-            self._on_welcome(msg)
+        t = type(msg)
+        if t is P.Welcome:
+            self._on_welcome(msg)  # type: ignore[arg-type]
+            return
+        if t is P.Deliver:
+            self._on_deliver(msg, frames[1:])  # type: ignore[arg-type]
+            return
+        if t is P.Sent:
+            self._on_sent(msg)  # type: ignore[arg-type]
             return
         if type(msg) is P.Error:
             if msg.code == "hello-first":
                 if now_overdue(self._hello_sent, 0.2):
                     self.welcome = None
                     self._send_hello()
+                return
+            if msg.code == "loop-guard" and not msg.tids:
+                self._inbox.put(LoopGuarded(msg.message))  # the other side of a paused conversation
                 return
             if msg.code in ("forbidden", "bad-role", "bad-hello", "unauthenticated", "revoked") and not msg.tids:
                 refused = AuthenticationError(f"the broker refused this {self.hat}: {msg.message}")
@@ -448,6 +606,7 @@ class PeerLink(ABC):
                 self._beacon_sock.connect(endpoint)
                 self._beacon_endpoint = endpoint
         self.on_welcome(msg, new_epoch)
+        self._messaging_welcome()
         self._ready.set()
 
 

@@ -530,7 +530,7 @@ class Client(PeerLink):
 
         def ask() -> None:
             self._status_waiters.append(fut)
-            self.send(P.Status())
+            self._post(P.Status())
 
         self.call_soon(ask)
         try:
@@ -567,7 +567,7 @@ class Client(PeerLink):
             pend = self._pending.pop(tid, None)
             if pend is not None:
                 if self.welcome is not None:
-                    self.send(P.Cancel(tids=(tid,)))
+                    self._post(P.Cancel(tids=(tid,)))
                 else:  # re-registering: the broker may still hold it, cancel after WELCOME
                     self._cancel_backlog.add(tid)
             # (a task still in the outgoing queue is skipped when drained)
@@ -595,11 +595,11 @@ class Client(PeerLink):
                 self.max_rate = welcome.max_rate
                 self._tokens, self._tokens_t = max(1.0, self.max_rate), time.monotonic()
         for _ in self._status_waiters:  # asked of a broker that went away: ask again
-            self.send(P.Status())
+            self._post(P.Status())
         if self._cancel_backlog:
             backlog, self._cancel_backlog = self._cancel_backlog, set()
             if not new_epoch:  # a new broker never heard of them
-                self.send(P.Cancel(tids=tuple(backlog)))
+                self._post(P.Cancel(tids=tuple(backlog)))
         if self._pending:
             # after a reconnect or a broker restart: the broker drops duplicates
             self._send_tasks(list(self._pending.values()), resubmit=True)
@@ -643,7 +643,7 @@ class Client(PeerLink):
                 frames.append(p.payload)
                 size += len(p.payload) + 64
             if specs:
-                self.send(P.Submit(tasks=tuple(specs), resubmit=resubmit), frames)
+                self._post(P.Submit(tasks=tuple(specs), resubmit=resubmit), frames)
 
     def on_message(self, msg: P.Message, frames: list[zmq.Frame]) -> None:
         t = type(msg)
@@ -728,7 +728,7 @@ class Client(PeerLink):
     def on_tick(self, now: float) -> None:
         if self.welcome is not None and now - self._pinged >= CLIENT_PING:
             self._pinged = now  # liveness: a broker forgets a client silent for 30 s
-            self.send(P.Heartbeat(session=self.session, epoch=self.epoch))
+            self._post(P.Heartbeat(session=self.session, epoch=self.epoch))
         heap = self._deadlines
         expired: list[bytes] = []
         while heap and heap[0][0] <= now:
@@ -743,7 +743,7 @@ class Client(PeerLink):
             ))  # fmt: skip
         if expired:
             if self.welcome is not None:
-                self.send(P.Cancel(tids=tuple(expired)))
+                self._post(P.Cancel(tids=tuple(expired)))
             else:
                 self._cancel_backlog.update(expired)
 

@@ -24,6 +24,11 @@ pyzmq and msgpack are mapped at the edges and never leak out::
     │   └── SealError           a sealed payload did not open: tampered with,
     │                           sealed with another seal key, or unsealed in a
     │                           swarm that seals
+    ├── Undeliverable           an agent message could not be delivered (the
+    │   │                       peer did not connect within the TTL, a full
+    │   │                       mailbox, a forbidden topic)
+    │   └── LoopGuarded         ...because the conversation went over the
+    │                           broker's loop-guard limits
     └── ClosedError             the client or node was already closed
 
 ``TypeError`` (not a ZlinkError) is raised at ``submit`` when an argument is
@@ -38,6 +43,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "LocalProtocolError",
+    "LoopGuarded",
     "ProtocolError",
     "RejectedError",
     "RemoteError",
@@ -47,6 +53,7 @@ __all__ = [
     "TaskError",
     "TaskLost",
     "TaskTimeout",
+    "Undeliverable",
     "ZlinkError",
 ]
 
@@ -148,6 +155,15 @@ class SealError(TaskError):
     It was tampered with on the way, sealed with another seal key, or arrived
     unsealed where sealing is on (see docs/security.md).
     """
+
+
+class Undeliverable(ZlinkError):
+    """An agent message was not delivered; the message says why."""
+
+
+class LoopGuarded(Undeliverable):
+    """A conversation (two peers, or a task's questions) went over the broker's loop-guard
+    limits and is paused; the message names the limit."""
 
 
 class ClosedError(ZlinkError):

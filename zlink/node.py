@@ -444,7 +444,7 @@ class Node(PeerLink):
     def _begin_drain(self) -> None:
         self._draining = True
         if self.welcome is not None:
-            self.send(P.Drain(reason="draining"))
+            self._post(P.Drain(reason="draining"))
         while True:  # hand back every task that has not started yet
             try:
                 job = self._jobs.get_nowait()
@@ -554,7 +554,7 @@ class Node(PeerLink):
         for tid, (attempt, status, payload, seal) in list(self._unacked.items()):
             self._done.append((tid, attempt, status, payload, seal))
         if self._draining:
-            self.send(P.Drain(reason="draining"))
+            self._post(P.Drain(reason="draining"))
 
     def on_close(self) -> None:
         self._flush_results()
@@ -594,13 +594,13 @@ class Node(PeerLink):
                 except SealError as exc:  # checked when the task opened; cannot happen, never fatal
                     status, payload = Outcome.ERROR, _error_payload(exc, self.name)
             if items and (len(items) >= 1000 or size + len(payload) + 40 > limit):
-                self.send(P.Result(results=tuple(items)), frames)
+                self._post(P.Result(results=tuple(items)), frames)
                 items, frames, size = [], [], 0
             items.append(P.ResultItem(tid, attempt, status))
             frames.append(payload)
             size += len(payload) + 40  # the item's share of the header
         if items:
-            self.send(P.Result(results=tuple(items)), frames)
+            self._post(P.Result(results=tuple(items)), frames)
 
     # ------------------------------------------------------------------ workers
 

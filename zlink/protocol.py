@@ -381,6 +381,8 @@ class Welcome(Message):
     max_tasks: int = 0
     #: most new tasks per second the broker accepts from one client key (0: no limit)
     max_rate: float = 0.0
+    #: the name of the key this peer authenticated with: its address for agent messages
+    key_name: str = ""
 
     SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
         ("epoch", _v_id),
@@ -394,6 +396,7 @@ class Welcome(Message):
         ("time", _v_float(0.0, 1e12)),
         ("max_tasks", _v_int(0, 2**40)),
         ("max_rate", _v_float(0.0, 1e9)),
+        ("key_name", _v_str(MAX_NAME)),
     )
 
 

@@ -36,10 +36,10 @@ __all__ = [
 
 #: Roles an authorised key can have, and what each may do.
 ROLES: Final = {
-    "node": frozenset({"node"}),
-    "client": frozenset({"client", "status"}),
-    "both": frozenset({"node", "client", "status"}),
-    "admin": frozenset({"client", "status", "admin"}),
+    "node": frozenset({"node", "message"}),
+    "client": frozenset({"client", "status", "message", "publish"}),
+    "both": frozenset({"node", "client", "status", "message", "publish"}),
+    "admin": frozenset({"client", "status", "admin", "message", "publish"}),
 }
 
 QUEUED: Final = "queued"
@@ -63,6 +63,13 @@ TASK_TRANSITIONS: Final[dict[tuple[str, str], str]] = {
 
 # --------------------------------------------------------------------------- events and actions
 
+
+#: agent messaging bounds: held messages per absent name, bytes held in all, topics per peer,
+#: conversations tracked by the loop guard
+MAILBOX_PER_NAME: Final = 1000
+MAILBOX_BYTES: Final = 64 * 1024 * 1024
+MAX_TOPICS_PER_PEER: Final = 1024
+MAX_CONVERSATIONS: Final = 100_000
 
 #: the broker's submission rate limit allows this much more than clients pace themselves to
 RATE_HEADROOM: Final = 1.2
@@ -145,6 +152,17 @@ class SchedulerConfig:
     #: a client not heard from for this long is gone: its tasks are cancelled and forgotten
     #: (clients send a HEARTBEAT every CLIENT_PING seconds; a returning client resubmits)
     client_timeout: float = 30.0
+    #: agent messaging: the longest a message may wait for a peer that is not connected
+    max_message_ttl: float = 600.0
+    #: loop guard, per conversation (a pair of peers): turns (a message answering the other
+    #: side's) per window, and per second; a one-way stream of messages is one turn
+    max_conversation_turns: int = 1000
+    conversation_window: float = 3600.0
+    max_conversation_rate: float = 20.0
+    #: how long a conversation that went over its rate stays paused
+    loop_pause: float = 10.0
+    #: loop guard for a task's question thread: questions one task may ask
+    max_task_questions: int = 100
 
     @property
     def node_timeout(self) -> float:
@@ -155,7 +173,7 @@ class SchedulerConfig:
 
 
 class Peer:
-    __slots__ = ("hat", "identity", "last_seen", "name", "route", "seal", "session")
+    __slots__ = ("hat", "identity", "last_seen", "name", "route", "seal", "session", "topics")
 
     def __init__(self, route: bytes, session: bytes, name: str, identity: Identity, hat: str, now: float) -> None:
         self.route = route
@@ -165,6 +183,7 @@ class Peer:
         self.hat = hat
         self.last_seen = now
         self.seal = ""  # the public id of the peer's seal key, "" when unsealed
+        self.topics: set[str] = set()  # agent messaging: topics it subscribed to
 
 
 #: seconds of work the broker tries to keep queued at a node beyond its slots
@@ -219,6 +238,7 @@ class Task:
         "max_attempts",
         "node",
         "payload",
+        "questions",
         "reads",
         "skill",
         "state",
@@ -233,6 +253,7 @@ class Task:
         self.client = client
         self.payload = payload
         self.attempt = 0
+        self.questions = 0
         self.deaths = 0
         self.max_attempts = spec.max_attempts
         self.deadline = deadline
@@ -286,9 +307,19 @@ class Scheduler:
             "submitted": 0, "dispatched": 0, "done": 0, "failed": 0, "requeued": 0,
             "lost": 0, "timed_out": 0, "cancelled": 0, "rejected": 0, "stale_results": 0,
             "undeliverable": 0, "nodes_died": 0, "protocol_errors": 0, "clients_gone": 0,
+            "messages": 0, "published": 0, "loop_guard": 0, "stale_answers": 0,
         }  # fmt: skip
         self.errors: dict[str, int] = {}
         self._client_sweep = 0.0  # next look for silent clients
+        #: agent messaging: key name -> the session that receives that name's messages
+        self.inbox_of: dict[str, Peer] = {}
+        #: name -> messages held for it while it is not connected: (sender, sender session, mid, payload, expiry)
+        self.mailbox: dict[str, deque[tuple[str, bytes, bytes, Any, float]]] = {}
+        self.held_bytes = 0
+        #: topic -> subscribed peers
+        self.topics: dict[str, set[Peer]] = {}
+        #: loop guard: (name, name) sorted -> [turns, window start, tokens, last, paused until, last direction]
+        self.convos: dict[tuple[str, str], list[float]] = {}
         #: client key -> tasks it has at the broker (the quota counts keys, not sessions)
         self.key_tasks: dict[str, int] = {}
         #: client key -> [tokens, last refill]: the submission rate limit
@@ -386,6 +417,14 @@ class Scheduler:
             self._drop_peer(peer, "bye")
         elif t is P.Heartbeat and type(peer) is Client:
             pass  # a client's liveness ping: last_seen is all it updates
+        elif t is P.SendMessage:
+            self._on_send(peer, msg, ev.frames)  # type: ignore[arg-type]
+        elif t is P.Publish:
+            self._on_publish(peer, msg, ev.frames)  # type: ignore[arg-type]
+        elif t is P.Subscribe:
+            self._on_subscribe(peer, msg)  # type: ignore[arg-type]
+        elif t is P.Answer and type(peer) is Client:
+            self._on_answer(peer, msg, ev.frames)  # type: ignore[arg-type]
         elif t is P.Drain and type(peer) is Node:
             peer.draining = True
             peer.capacity = 0
@@ -454,10 +493,11 @@ class Scheduler:
                     heartbeat_interval=cfg.heartbeat_interval, liveness=cfg.liveness,
                     max_message_size=cfg.max_message_size, beacon_port=cfg.beacon_port,
                     heartbeat_port=cfg.heartbeat_port, time=max(0.0, self._now),
-                    max_tasks=cfg.max_tasks_per_client, max_rate=cfg.max_submit_rate,
+                    max_tasks=cfg.max_tasks_per_client, max_rate=cfg.max_submit_rate, key_name=identity.name,
                 ),
             )
         )  # fmt: skip
+        self._open_inbox(peer)  # after WELCOME: held messages are sealed to the name it tells
         if type(peer) is Node:
             # on the same connection, tasks missing from the HELLO are still on
             # their way to the node (a HELLO can be old, e.g. resent during an
@@ -639,10 +679,15 @@ class Scheduler:
                 # not ours, or a superseded attempt: fence it off
                 self.counters["stale_results"] += 1
                 continue
-            if item.status == Outcome.PARTIAL:
+            if item.status == Outcome.PARTIAL or item.status == Outcome.QUESTION:
                 task = self.tasks.get(tid)
                 if task is not None and task.node is node and task.attempt == attempt:
-                    self._queue_result(task.client, P.ResultItem(tid, attempt, Outcome.PARTIAL), payload)
+                    if item.status == Outcome.QUESTION:
+                        task.questions += 1
+                        if task.questions > self.config.max_task_questions:
+                            self._loop_guarded(node.route, tid)
+                            continue
+                    self._queue_result(task.client, P.ResultItem(tid, attempt, item.status), payload)
                 continue
             del node.inflight[tid]
             freed = True
@@ -698,6 +743,174 @@ class Scheduler:
             self._cancel_task(task)
             self._deliver_status(task.client, tid, task.attempt, Outcome.CANCELLED, "cancelled by the client")
 
+    # ------------------------------------------------------------------ agent messaging
+
+    def _open_inbox(self, peer: Peer) -> None:
+        """The newest session of a key receives that key's messages, and what waited for it."""
+        name = peer.identity.name
+        self.inbox_of[name] = peer
+        held = self.mailbox.pop(name, None)
+        if held:
+            for sender, sender_session, mid, payload, _ in held:
+                self.held_bytes -= len(payload)
+                self._out.append(Send(peer.route, P.Deliver(sender=sender, mid=mid), [payload]))
+                self._sent_to_session(sender_session, mid, True, "")
+
+    def _close_inbox(self, peer: Peer) -> None:
+        for topic in peer.topics:
+            subs = self.topics.get(topic)
+            if subs is not None:
+                subs.discard(peer)
+                if not subs:
+                    del self.topics[topic]
+        peer.topics = set()
+        name = peer.identity.name
+        if self.inbox_of.get(name) is peer:
+            del self.inbox_of[name]
+            # another live session of the same key takes over its messages
+            for other in self.peers.values():
+                if other is not peer and other.identity.name == name:
+                    self.inbox_of[name] = other
+
+    def _sent(self, peer: Peer, mid: bytes, ok: bool, reason: str) -> None:
+        self._out.append(Send(peer.route, P.Sent(mid=mid, ok=ok, reason=reason)))
+
+    def _sent_to_session(self, session: bytes, mid: bytes, ok: bool, reason: str) -> None:
+        peer: Peer | None = self.clients.get(session) or self.nodes.get(session)
+        if peer is not None and self.peers.get(peer.route) is peer:
+            self._sent(peer, mid, ok, reason)
+
+    def _on_send(self, peer: Peer, msg: P.SendMessage, frames: list[Any]) -> None:
+        sender, to = peer.identity.name, msg.to
+        why = self._conversation(sender, to)
+        if why:
+            self._sent(peer, msg.mid, False, why)
+            return
+        self.counters["messages"] += 1
+        target = self.inbox_of.get(to)
+        if target is not None:
+            self._out.append(Send(target.route, P.Deliver(sender=sender, mid=msg.mid), [frames[0]]))
+            self._sent(peer, msg.mid, True, "")
+            return
+        ttl = min(msg.ttl, self.config.max_message_ttl)
+        box = self.mailbox.get(to)
+        size = len(frames[0])
+        if ttl <= 0:
+            self._sent(peer, msg.mid, False, f"undeliverable: {to!r} is not connected")
+        elif (box is not None and len(box) >= MAILBOX_PER_NAME) or self.held_bytes + size > MAILBOX_BYTES:
+            self._sent(peer, msg.mid, False, f"undeliverable: the broker holds too many messages for {to!r}")
+        else:
+            if box is None:
+                box = self.mailbox[to] = deque()
+            box.append((sender, peer.session, msg.mid, frames[0], self._now + ttl))
+            self.held_bytes += size
+
+    def _expire_mail(self, now: float) -> None:
+        for name in list(self.mailbox):
+            box = self.mailbox[name]
+            while box and box[0][4] <= now:
+                _, session, mid, payload, _ = box.popleft()
+                self.held_bytes -= len(payload)
+                self.counters["undeliverable"] += 1
+                self._sent_to_session(session, mid, False, f"undeliverable: {name!r} did not connect in time")
+            if not box:
+                del self.mailbox[name]
+
+    def _on_publish(self, peer: Peer, msg: P.Publish, frames: list[Any]) -> None:
+        if "publish" not in ROLES[peer.identity.role]:
+            self._sent(peer, msg.mid, False, f"forbidden: role {peer.identity.role!r} may not publish")
+            return
+        sender = peer.identity.name
+        for sub in self.topics.get(msg.topic, ()):
+            if sub is not peer:
+                self._out.append(Send(sub.route, P.Deliver(sender=sender, mid=msg.mid, topic=msg.topic), [frames[0]]))
+        self.counters["published"] += 1
+        self._sent(peer, msg.mid, True, "")
+
+    def _on_subscribe(self, peer: Peer, msg: P.Subscribe) -> None:
+        for topic in msg.topics:
+            if msg.stop:
+                peer.topics.discard(topic)
+                subs = self.topics.get(topic)
+                if subs is not None:
+                    subs.discard(peer)
+                    if not subs:
+                        del self.topics[topic]
+            elif len(peer.topics) < MAX_TOPICS_PER_PEER:
+                peer.topics.add(topic)
+                self.topics.setdefault(topic, set()).add(peer)
+
+    def _conversation(self, a: str, b: str) -> str:
+        """Loop guard: "" if a message from ``a`` to ``b`` may pass, else why not (both are told)."""
+        cfg = self.config
+        now = self._now
+        pair = (a, b) if a <= b else (b, a)
+        st = self.convos.get(pair)
+        rate = cfg.max_conversation_rate
+        if st is None:
+            if len(self.convos) >= MAX_CONVERSATIONS:
+                self._forget_quiet_conversations(now)
+            st = self.convos[pair] = [0.0, now, max(1.0, rate), now, 0.0, -1.0]
+        direction = 0.0 if a == pair[0] else 1.0
+        if direction == st[5]:
+            return ""  # the same side again: not a new turn
+        if now < st[4]:
+            return f"loop-guard: the conversation between {a!r} and {b!r} is paused for {st[4] - now:.0f} s more"
+        if now - st[1] >= cfg.conversation_window:
+            st[0], st[1] = 0.0, now
+        if rate > 0:
+            st[2] = min(max(1.0, rate), st[2] + (now - st[3]) * rate)
+        st[3] = now
+        why = ""
+        if st[0] >= cfg.max_conversation_turns:
+            st[4] = st[1] + cfg.conversation_window
+            why = (
+                f"loop-guard: {cfg.max_conversation_turns} turns between {a!r} and {b!r} within "
+                f"{cfg.conversation_window:g} s (max_conversation_turns); paused for {st[4] - now:.0f} s"
+            )
+        elif rate > 0 and st[2] < 1.0:
+            st[4] = now + cfg.loop_pause
+            why = (
+                f"loop-guard: more than {rate:g} turns per second between {a!r} and {b!r} "
+                f"(max_conversation_rate); paused for {cfg.loop_pause:g} s"
+            )
+        if why:
+            self.counters["loop_guard"] += 1
+            for name in {a, b}:
+                peer = self.inbox_of.get(name)
+                if peer is not None:
+                    self._out.append(Send(peer.route, P.Error(code="loop-guard", message=why)))
+            return why
+        st[0] += 1
+        st[5] = direction
+        if rate > 0:
+            st[2] -= 1.0
+        return ""
+
+    def _forget_quiet_conversations(self, now: float) -> None:
+        window = self.config.conversation_window
+        for pair in [p for p, st in self.convos.items() if now - st[3] > window and now >= st[4]]:
+            del self.convos[pair]
+        while len(self.convos) >= MAX_CONVERSATIONS:
+            del self.convos[next(iter(self.convos))]
+
+    def _loop_guarded(self, node_route: bytes, tid: bytes) -> None:
+        """A task asked more questions than allowed: the node's ask() fails."""
+        limit = self.config.max_task_questions
+        why = f"loop-guard: task asked more than {limit} questions (max_task_questions)"
+        self.counters["loop_guard"] += 1
+        self._out.append(Send(node_route, P.Error(code="loop-guard", message=why, tids=(tid,))))
+
+    def _on_answer(self, client: Client, msg: P.Answer, frames: list[Any]) -> None:
+        task = self.tasks.get(msg.tid)
+        if task is None or task.client.identity.key != client.identity.key:
+            return  # unknown or not yours: nothing to say (no oracle for guessed ids)
+        node = task.node
+        if task.state != RUNNING or node is None or not node.alive:
+            self.counters["stale_answers"] += 1
+            return  # requeued or finished: a new attempt asks again
+        self._out.append(Send(node.route, P.Answer(tid=msg.tid, seq=msg.seq, attempt=task.attempt), [frames[0]]))
+
     # ------------------------------------------------------------------ heartbeats and time
 
     def _on_heartbeat(self, ev: Heartbeat) -> None:
@@ -740,6 +953,8 @@ class Scheduler:
                 del self.orphans[tid]
         if now >= self._client_sweep:
             self._client_sweep = now + 1.0
+            if self.mailbox:
+                self._expire_mail(now)
             quiet = now - self.config.client_timeout
             for client in [c for c in self.clients.values() if c.last_seen < quiet]:
                 self.counters["clients_gone"] += 1
@@ -994,6 +1209,7 @@ class Scheduler:
         self._queue_result(client, P.ResultItem(tid, attempt, status), P.pack_value(message))
 
     def _drop_peer(self, peer: Peer, why: str) -> None:
+        self._close_inbox(peer)
         if self.peers.get(peer.route) is peer:
             del self.peers[peer.route]
         if self.names.get(peer.name) == peer.session:

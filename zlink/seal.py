@@ -48,7 +48,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import ConfigError, SealError
 
-__all__ = ["SEAL_OVERHEAD", "SEAL_PREFIX", "ClientSealer", "NodeSealer", "SealKey", "is_sealed"]
+__all__ = [
+    "SEAL_OVERHEAD", "SEAL_PREFIX", "ClientSealer", "MessageSealer", "NodeSealer", "SealKey", "answer_aead",
+    "is_sealed", "open_answer", "seal_answer",
+]  # fmt: skip
 
 SEAL_PREFIX: Final = "zlinkseal1:"
 TASK_MAGIC: Final = b"\xc1T\x01"
@@ -259,3 +262,57 @@ class NodeSealer:
         aead = self._results.get_or(client_pub, self._result_aead)
         nonce = self._prefix + next(self._counter).to_bytes(8, "big")
         return RESULT_MAGIC + self.public + nonce + aead.encrypt(nonce, plain, _result_ad(tid, skill, attempt, status))
+
+
+MESSAGE_MAGIC: Final = b"\xc1M\x01"
+ANSWER_MAGIC: Final = b"\xc1A\x01"
+
+
+def _open_aead(aead: ChaCha20Poly1305, magic: bytes, data: bytes | memoryview, ad: bytes, what: str) -> bytes:
+    """Open ``magic | nonce | ciphertext``; raises :class:`SealError`."""
+    if bytes(data[:3]) != magic or len(data) < 3 + _NONCE + _TAG:
+        raise SealError(f"{what} is not sealed, and this peer accepts only sealed ones")
+    try:
+        return aead.decrypt(bytes(data[3 : 3 + _NONCE]), bytes(data[3 + _NONCE :]), ad)
+    except InvalidTag:
+        raise SealError(f"{what} failed to open: tampered with, or sealed with another seal key") from None
+
+
+class MessageSealer:
+    """Agent messages (direct and topics), sealed to the swarm: any holder of the seal key
+    may open them, the broker may not. Bound to sender, recipient (or topic) and message id,
+    so the broker cannot pass one off as from another sender or for another peer."""
+
+    def __init__(self, key: SealKey) -> None:
+        self.key = key
+        self._aead = ChaCha20Poly1305(_hkdf(key._key, b"", b"zlink message v1"))
+
+    @staticmethod
+    def _ad(sender: str, target: str, mid: bytes) -> bytes:
+        return b"zlink msg\0" + sender.encode() + b"\0" + target.encode() + b"\0" + mid
+
+    def seal(self, sender: str, target: str, mid: bytes, plain: bytes) -> bytes:
+        nonce = os.urandom(_NONCE)
+        return MESSAGE_MAGIC + nonce + self._aead.encrypt(nonce, plain, self._ad(sender, target, mid))
+
+    def open(self, sender: str, target: str, mid: bytes, data: bytes | memoryview) -> bytes:
+        return _open_aead(self._aead, MESSAGE_MAGIC, data, self._ad(sender, target, mid), f"a message from {sender!r}")
+
+
+def _answer_ad(tid: bytes, seq: int) -> bytes:
+    return b"zlink answer\0" + tid + b"\0" + seq.to_bytes(4, "big")
+
+
+def answer_aead(key: SealKey, client_pub: bytes) -> ChaCha20Poly1305:
+    """Answers to a task's questions: client session to the node running the task."""
+    return ChaCha20Poly1305(_hkdf(key._key, client_pub, b"zlink answer v1"))
+
+
+def seal_answer(aead: ChaCha20Poly1305, tid: bytes, seq: int, plain: bytes) -> bytes:
+    nonce = os.urandom(_NONCE)
+    return ANSWER_MAGIC + nonce + aead.encrypt(nonce, plain, _answer_ad(tid, seq))
+
+
+def open_answer(aead: ChaCha20Poly1305, tid: bytes, seq: int, data: bytes | memoryview) -> bytes:
+    what = f"the answer to question {seq} of task {tid.hex()}"
+    return _open_aead(aead, ANSWER_MAGIC, data, _answer_ad(tid, seq), what)
