@@ -239,7 +239,7 @@ def test_hello_gets_welcome_with_config_values() -> None:
     assert welcome == P.Welcome(
         epoch=EPOCH, name="name-key-c1", role="client", heartbeat_interval=1.0, liveness=3,
         max_message_size=4321, beacon_port=5001, heartbeat_port=5002, time=112.5, max_tasks=1_000_000,
-        max_rate=100_000.0,
+        max_rate=100_000.0, key_name="name-key-c1",
     )  # fmt: skip
     out = sim.node(b"n1", name="worker")
     (welcome,) = out.to(b"n1")
