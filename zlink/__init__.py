@@ -14,14 +14,16 @@
 
 from __future__ import annotations
 
+from ._peer import Message
 from .broker import Broker
-from .client import AsyncClient, Client, Executor, TaskFuture, TaskStream
+from .client import AsyncClient, Client, Executor, Question, TaskFuture, TaskStream
 from .errors import (
     AuthenticationError,
     ClosedError,
     ConfigError,
     ConnectError,
     LocalProtocolError,
+    LoopGuarded,
     ProtocolError,
     RejectedError,
     RemoteError,
@@ -31,6 +33,7 @@ from .errors import (
     TaskError,
     TaskLost,
     TaskTimeout,
+    Undeliverable,
     ZlinkError,
 )
 from .node import Node, SkillSpec, TaskContext, current_task, skill
@@ -51,8 +54,11 @@ __all__ = [
     "Join",
     "KeyPair",
     "LocalProtocolError",
+    "LoopGuarded",
+    "Message",
     "Node",
     "ProtocolError",
+    "Question",
     "RejectedError",
     "RemoteError",
     "RemoteProtocolError",
@@ -66,6 +72,7 @@ __all__ = [
     "TaskLost",
     "TaskStream",
     "TaskTimeout",
+    "Undeliverable",
     "ZlinkError",
     "__version__",
     "current_task",

@@ -37,10 +37,10 @@ from .errors import (
     ZlinkError,
 )
 from .protocol import Outcome
-from .seal import SEAL_OVERHEAD, ClientSealer, SealKey, is_sealed
+from .seal import SEAL_OVERHEAD, ClientSealer, SealKey, is_sealed, seal_answer
 from .security import Join
 
-__all__ = ["AsyncClient", "Client", "Executor", "TaskFuture", "TaskStream"]
+__all__ = ["AsyncClient", "Client", "Executor", "Question", "TaskFuture", "TaskStream"]
 
 log = logging.getLogger("zlink.client")
 
@@ -65,10 +65,34 @@ class TaskFuture(cf.Future[Any]):
         self._counted = False
         #: (attempt, number) of the last sealed partial result taken
         self._pseq = (-1, 0)
+        #: questions the running skill asked (multi-turn tasks), and who handles them
+        self._questions: queue.SimpleQueue[Question | None] = queue.SimpleQueue()
+        self._on_question: Callable[[Question], None] | None = None
+        self._asked: set[tuple[int, int]] = set()  # (attempt, seq) seen: no question twice
 
     @property
     def task_id(self) -> str:
         return self.tid.hex()
+
+    def questions(self, timeout: float | None = None) -> Iterator[Question]:
+        """The questions the skill asks while it runs (``current_task().ask``), as they come.
+
+        Answer each with :meth:`Question.answer`; the iteration ends when the
+        task does (or raises ``TimeoutError`` when none comes for ``timeout``).
+        """
+        while True:
+            if self.done() and self._questions.empty():
+                return
+            try:
+                q = self._questions.get(timeout=0.05 if timeout is None else min(0.05, timeout))
+            except queue.Empty:
+                if timeout is not None:
+                    timeout -= 0.05
+                    if timeout <= 0:
+                        raise TimeoutError("no question within the timeout") from None
+                continue
+            if q is not None:
+                yield q
 
     def cancel(self) -> bool:
         """Cancel the task: dropped at the broker if queued, told to stop if running."""
@@ -82,6 +106,27 @@ class TaskFuture(cf.Future[Any]):
 
 
 _END: Final = object()
+
+
+class Question:
+    """A question a running skill asked its client; :meth:`answer` resumes the skill."""
+
+    __slots__ = ("_client", "attempt", "future", "seq", "value")
+
+    def __init__(self, client: Client, future: TaskFuture, seq: int, attempt: int, value: Any) -> None:
+        self._client = client
+        self.future = future
+        self.seq = seq
+        self.attempt = attempt
+        #: what the skill asked (a msgpack value)
+        self.value = value
+
+    def answer(self, reply: Any) -> None:
+        """Send ``reply`` (a msgpack value) to the skill waiting in ``ask()``."""
+        self._client._answer(self.future, self.seq, P.pack_value(reply))
+
+    def __repr__(self) -> str:
+        return f"<Question {self.seq} of task {self.future.task_id}: {type(self.value).__name__}>"
 
 
 class TaskStream:
@@ -222,6 +267,7 @@ class Client(PeerLink):
         max_attempts: int = 3,
         reads: Iterable[str] = (),
         writes: Iterable[str] = (),
+        on_question: Callable[[Any], Any] | None = None,
         **kwargs: Any,
     ) -> TaskFuture:
         """Run ``skill(*args, **kwargs)`` on a node; returns a future for its result.
@@ -230,8 +276,15 @@ class Client(PeerLink):
         ``timeout`` (seconds) bounds the whole task, queueing included. Tasks
         whose ``writes`` keys overlap another's ``reads`` or ``writes`` never run
         at the same time, and start in submission order.
+
+        A skill may ask its caller questions while it runs (``ask``): answer
+        them through ``future.questions()``, or pass ``on_question``, a function
+        of the question's value returning the answer (run on its own thread).
         """
-        return self._submit(skill, args, kwargs, timeout, max_attempts, reads, writes, None)
+        fut = self._submit(skill, args, kwargs, timeout, max_attempts, reads, writes, None)
+        if on_question is not None:
+            fut._on_question = _answering_thread(on_question)
+        return fut
 
     def stream(
         self,
@@ -257,6 +310,7 @@ class Client(PeerLink):
         """
         stream = TaskStream()
         stream.future = self._submit(skill, args, kwargs, timeout, max_attempts, reads, writes, stream._put)
+        stream.future._on_question = stream._put  # questions come in the stream, among the partials
         stream.future.add_done_callback(stream._end)
         return stream
 
@@ -653,6 +707,9 @@ class Client(PeerLink):
             for item, frame in zip(msg.results, frames, strict=True):  # type: ignore[attr-defined]
                 status = item.status
                 data: bytes | memoryview = frame.buffer
+                if status == Outcome.QUESTION:
+                    self._on_question_item(pending.get(item.tid), item.attempt, data)
+                    continue
                 if status == Outcome.PARTIAL:
                     pend = pending.get(item.tid)
                     if pend is None or pend.future._on_partial is None:
@@ -692,6 +749,41 @@ class Client(PeerLink):
                 _resolve(self._status_waiters.popleft(), exc=RejectedError(err.message, code=err.code))
             else:
                 log.warning("broker error %s: %s", err.code, err.message)
+
+    def _on_question_item(self, pend: _Pending | None, attempt: int, data: bytes | memoryview) -> None:
+        """A running skill asked something (I/O thread): hand it to the future's handler."""
+        if pend is None or pend.future.done():
+            return
+        fut = pend.future
+        try:
+            if self._sealer is not None:
+                data = self._open(self._sealer, pend, attempt, Outcome.QUESTION, data)
+            seq, value = P.unpack_value(data)
+            if type(seq) is not int:
+                raise TypeError
+        except (SealError, RemoteProtocolError, TypeError, ValueError) as exc:
+            log.warning("dropped a question of task %s: %s", pend.spec.tid.hex(), exc)
+            return
+        if (attempt, seq) in fut._asked:
+            return  # a repeat
+        fut._asked.add((attempt, seq))
+        q = Question(self, fut, seq, attempt, value)
+        handler = fut._on_question
+        if handler is not None:
+            handler(q)
+        else:
+            fut._questions.put(q)
+
+    def _answer(self, fut: TaskFuture, seq: int, plain: bytes) -> None:
+        tid = fut.tid
+
+        def go() -> None:
+            payload = plain
+            if self._sealer is not None:
+                payload = seal_answer(self._sealer.answer_aead, tid, seq, plain)
+            self._post(P.Answer(tid=tid, seq=seq), [payload])
+
+        self.call_soon(go)
 
     def _open_partial(self, sealer: ClientSealer, pend: _Pending, attempt: int, data: bytes | memoryview) -> bytes:
         """A sealed partial result: opened, and its sequence number checked (no repeats, no reordering)."""
@@ -940,6 +1032,23 @@ class AsyncClient:
     async def status(self, timeout: float = 10.0) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, lambda: self.client.status(timeout))
+
+
+def _answering_thread(fn: Callable[[Any], Any]) -> Callable[[Question], None]:
+    """An on_question handler: ``fn(question)`` runs on its own thread, its return value is the answer."""
+
+    def handle(q: Question) -> None:
+        def run() -> None:
+            try:
+                reply = fn(q.value)
+            except Exception as exc:  # the user's handler failed: the skill hears why
+                log.warning("on_question handler of task %s raised %s", q.future.task_id, type(exc).__name__)
+                reply = {"error": f"{type(exc).__name__}: {exc}"}
+            q.answer(reply)
+
+        threading.Thread(target=run, name="zlink-answer", daemon=True).start()
+
+    return handle
 
 
 def _skill_name(fn: Callable[..., Any] | str) -> str:

@@ -10,6 +10,7 @@ dead.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import contextvars
 import importlib
 import importlib.util
@@ -33,9 +34,9 @@ import zmq
 from . import protocol as P
 from ._batch import ITEM_ERROR, ITEM_OK, ITEM_TIMEOUT, pack_batch_result, parse_batch
 from ._peer import PeerLink, curve_client, tune_reconnect, with_port
-from .errors import ConfigError, RemoteProtocolError, SealError, ZlinkError
+from .errors import ConfigError, LoopGuarded, RemoteProtocolError, SealError, TaskCancelled, ZlinkError
 from .protocol import Outcome
-from .seal import SEAL_OVERHEAD, NodeSealer, SealKey, is_sealed
+from .seal import SEAL_OVERHEAD, NodeSealer, SealKey, answer_aead, is_sealed, open_answer
 from .security import Join
 
 __all__ = ["Node", "SkillSpec", "TaskContext", "current_task", "skill"]
@@ -175,7 +176,10 @@ def load_skills_module(target: str) -> types.ModuleType:
 class TaskContext:
     """What a running skill can learn about its task: ``zlink.current_task()``."""
 
-    __slots__ = ("_cancelled", "_future", "_pseq", "_seal", "_tid", "attempt", "deadline", "id", "skill")
+    __slots__ = (
+        "_asks", "_cancelled", "_future", "_node", "_pseq", "_qseq", "_seal", "_tid", "attempt", "deadline", "id",
+        "skill",
+    )  # fmt: skip
 
     def __init__(self, tid: bytes, skill_name: str, attempt: int, timeout: float | None) -> None:
         self._tid = tid
@@ -187,17 +191,64 @@ class TaskContext:
         self._future: Any = None
         self._seal: _Seal = None
         self._pseq = 0  # sealed partial results sent so far
+        self._qseq = 0  # questions asked so far
+        self._asks: dict[int, cf.Future[Any]] = {}  # question number -> its answer, while waiting
+        self._node: Node | None = None
 
     @property
     def cancelled(self) -> bool:
         """True once the client cancelled the task or its timeout passed; poll it in long loops."""
         return self._cancelled
 
+    def ask(self, question: Any, *, timeout: float | None = None) -> Any:
+        """Ask the client that submitted this task; returns its answer (multi-turn tasks).
+
+        The task pauses until the client answers (``future.questions()``, an
+        ``on_question`` callback, or a question in ``client.stream``). In an
+        async skill, ``await`` it. Raises ``TimeoutError`` after ``timeout``,
+        :class:`~zlink.TaskCancelled` if the task is cancelled meanwhile, and
+        :class:`~zlink.LoopGuarded` past the broker's question limit per task.
+        """
+        node = self._node
+        if node is None:
+            raise RuntimeError("ask() is only available while the task runs on a node")
+        if self._cancelled:
+            raise TaskCancelled("the task was cancelled", task_id=self.id)
+        self._qseq += 1
+        seq = self._qseq
+        fut: cf.Future[Any] = cf.Future()
+        self._asks[seq] = fut
+        node._emit(self, Outcome.QUESTION, P.pack_value([seq, question]))
+        node._waker.wake()
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            try:
+                return fut.result(timeout)
+            except cf.TimeoutError:
+                raise TimeoutError(f"no answer to question {seq} within {timeout:g} s") from None
+            finally:
+                self._asks.pop(seq, None)
+        return self._await_answer(seq, fut, timeout)
+
+    async def _await_answer(self, seq: int, fut: cf.Future[Any], timeout: float | None) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        finally:
+            self._asks.pop(seq, None)
+
+    def _fail_asks(self, exc: BaseException) -> None:
+        for fut in list(self._asks.values()):
+            if not fut.done():
+                fut.set_exception(exc)
+
     def _cancel(self) -> None:
         self._cancelled = True
         fut = self._future
         if fut is not None:
             fut.cancel()
+        if self._asks:
+            self._fail_asks(TaskCancelled("the task was cancelled while it waited for an answer", task_id=self.id))
 
 
 _current: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar("zlink_task", default=None)
@@ -214,7 +265,9 @@ def current_task() -> TaskContext:
 #: whom a task's results are sealed to: (skill, client session key), or None (unsealed)
 _Seal = tuple[str, bytes] | None
 #: the outcomes whose payload is the node's (sealed); the others carry a reason string
-_SEALED: Final = frozenset({Outcome.OK, Outcome.ERROR, Outcome.PARTIAL})
+#: messages about a task that is still running
+_ONGOING: Final = frozenset({Outcome.PARTIAL, Outcome.QUESTION})
+_SEALED: Final = frozenset({Outcome.OK, Outcome.ERROR, Outcome.PARTIAL, Outcome.QUESTION})
 
 
 class _BatchRun:
@@ -525,6 +578,7 @@ class Node(PeerLink):
                     self._done.append((tid, item.attempt, done[1], done[2], done[3]))
                     continue
                 ctx = TaskContext(tid, item.skill, item.attempt, item.timeout)
+                ctx._node = self
                 if self._draining:
                     self._done.append((tid, item.attempt, Outcome.RETURNED, P.pack_value("node is draining"), None))
                     continue
@@ -538,8 +592,17 @@ class Node(PeerLink):
                 running = self._running.get(tid)
                 if running is not None:
                     running._cancel()
+        elif t is P.Answer:
+            self._on_answer(msg, frames)  # type: ignore[arg-type]
         elif t is P.Error:
-            log.warning("broker error %s: %s", msg.code, msg.message)  # type: ignore[attr-defined]
+            err: P.Error = msg  # type: ignore[assignment]
+            if err.code == "loop-guard" and err.tids:
+                for tid in err.tids:
+                    held = self._running.get(tid)
+                    if held is not None:
+                        held._fail_asks(LoopGuarded(err.message))
+                return
+            log.warning("broker error %s: %s", err.code, err.message)
 
     def on_poll(self) -> None:
         self._flush_results()
@@ -575,7 +638,7 @@ class Node(PeerLink):
         while done:
             tid, attempt, status, payload, seal = done.popleft()
             held = self._running.get(tid)
-            if held is not None and held.attempt == attempt and status != Outcome.PARTIAL:
+            if held is not None and held.attempt == attempt and status not in _ONGOING:
                 del self._running[tid]
             if len(payload) > limit - SEAL_OVERHEAD:
                 status = Outcome.ERROR
@@ -586,7 +649,7 @@ class Node(PeerLink):
                     ),
                     self.name,
                 )
-            if status != Outcome.PARTIAL and status != Outcome.RETURNED:
+            if status not in _ONGOING and status != Outcome.RETURNED:
                 self._unacked[tid] = (attempt, status, payload, seal)  # until the broker ACKs it
             if seal is not None and sealer is not None and status in _SEALED:
                 try:
@@ -805,7 +868,26 @@ class Node(PeerLink):
             # numbered inside the seal: the client drops a partial that is repeated or out of order
             ctx._pseq += 1
             payload = ctx._pseq.to_bytes(4, "big") + payload
-        self._done.append((ctx._tid, ctx.attempt, Outcome.PARTIAL, payload, ctx._seal))
+        self._emit(ctx, Outcome.PARTIAL, payload)
+
+    def _emit(self, ctx: TaskContext, status: int, payload: bytes) -> None:
+        """A message about a running task (partial result, question) to its client, in order."""
+        self._done.append((ctx._tid, ctx.attempt, status, payload, ctx._seal))
+
+    def _on_answer(self, msg: P.Answer, frames: list[zmq.Frame]) -> None:
+        """The client's answer to a question a running skill asked (I/O thread)."""
+        ctx = self._running.get(msg.tid)
+        fut = ctx._asks.get(msg.seq) if ctx is not None and ctx.attempt == msg.attempt else None
+        if ctx is None or fut is None or fut.done():
+            return  # answered already, or the task moved on
+        data: bytes | memoryview = frames[0].buffer
+        try:
+            if ctx._seal is not None and self.seal_key is not None:
+                data = open_answer(answer_aead(self.seal_key, ctx._seal[1]), msg.tid, msg.seq, data)
+            fut.set_result(P.unpack_value(data))
+        except (SealError, RemoteProtocolError) as exc:
+            self.seal_failures += 1
+            log.warning("task %s: dropped an answer: %s", msg.tid.hex(), exc)
 
     def _run_async(
         self, spec: SkillSpec, ctx: TaskContext, args: list[Any], kwargs: dict[str, Any], partials: bool = True

@@ -196,6 +196,8 @@ class ClientSealer:
         self.public = _raw(self._sk.public_key())
         self._task = key.task_aead(self.public)
         self._results = _Cache()
+        #: answers to this session's tasks' questions
+        self.answer_aead = answer_aead(key, self.public)
 
     def seal_task(self, tid: bytes, skill: str, plain: bytes) -> bytes:
         nonce = _task_nonce(tid)

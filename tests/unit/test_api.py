@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PUBLIC = {
     "AsyncClient", "AuthenticationError", "Broker", "Client", "ClosedError", "ConfigError", "Executor",
     "ConnectError", "Join", "KeyPair", "LocalProtocolError", "Node", "ProtocolError",
-    "RejectedError", "RemoteError", "RemoteProtocolError", "SealError", "SealKey", "SkillSpec", "TaskCancelled",
+    "RejectedError", "RemoteError", "RemoteProtocolError", "SealError", "SealKey", "SkillSpec",
+    "LoopGuarded", "Message", "Question", "Undeliverable", "TaskCancelled",
     "TaskContext", "TaskError", "TaskFuture", "TaskLost", "TaskStream", "TaskTimeout", "ZlinkError",
     "__version__", "current_task", "skill",
 }  # fmt: skip
