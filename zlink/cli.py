@@ -494,6 +494,188 @@ def render_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- agent messaging
+
+
+def _message_text(text: str) -> Any:
+    """A message from the command line: '-' reads stdin; JSON is sent as its value, anything else as text."""
+    if text == "-":
+        text = sys.stdin.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _print_message(msg: Any, as_json: bool) -> None:
+    if as_json:
+        line = {"from": msg.sender, "topic": msg.topic or None, "id": msg.id, "message": _jsonable(msg.body)}
+        click.echo(json.dumps(line, ensure_ascii=False))
+    else:
+        where = f"{msg.sender} #{msg.topic}" if msg.topic else msg.sender
+        body = msg.body if isinstance(msg.body, str) else json.dumps(_jsonable(msg.body), ensure_ascii=False)
+        click.echo(f"{where}> {body}")
+    sys.stdout.flush()
+
+
+def _messenger(join: str | None, seal_key: str | None, connect_timeout: float) -> Any:
+    from .client import Client
+
+    c = Client(join, connect_timeout=connect_timeout, seal_key=seal_key)
+    if c.seal_key is None:
+        _seal_notice(c, "messages")
+    return c
+
+
+@main.command()
+@join_option
+@click.option("--to", "to", required=True, help="The recipient's name (the name it was invited under).")
+@click.argument("message")
+@click.option("--ttl", type=float, default=60.0, show_default=True, help="Seconds a recipient may take to connect.")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True)
+@seal_key_option
+def send(join: str | None, to: str, message: str, ttl: float, connect_timeout: float, seal_key: str | None) -> None:
+    """Send MESSAGE to the peer named --to; waits until it is delivered.
+
+    MESSAGE is sent as JSON if it parses as JSON, else as text; '-' reads stdin.
+    Exit 0 when delivered, 1 when it could not be (not connected within --ttl,
+    the loop guard), 3 when the broker cannot be reached.
+    """
+    body = _message_text(message)
+
+    def run() -> None:
+        with _messenger(join, seal_key, connect_timeout) as c:
+            c.send(to, body, ttl=ttl).result(ttl + 30)
+
+    _run_guarded(run)
+
+
+@main.command()
+@join_option
+@click.option("--topic", "topics", multiple=True, help="Also receive messages published to this topic (repeatable).")
+@click.option("--once", is_flag=True, help="Exit after the first message.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: from, topic, id, message.")
+@click.option("--timeout", type=float, default=None, help="Exit 1 if no message comes within this many seconds.")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True)
+@seal_key_option
+def listen(
+    join: str | None,
+    topics: tuple[str, ...],
+    once: bool,
+    as_json: bool,
+    timeout: float | None,
+    connect_timeout: float,
+    seal_key: str | None,
+) -> None:
+    """Print every message sent to this peer (and its --topic's) as it arrives, with its sender."""
+
+    def run() -> None:
+        with _messenger(join, seal_key, connect_timeout) as c:
+            if topics:
+                c.subscribe(*topics)
+            while True:
+                try:
+                    msg = c.receive(timeout)
+                except TimeoutError:
+                    raise ConfigError(f"no message within {timeout:g} s") from None
+                _print_message(msg, as_json)
+                if once:
+                    return
+
+    _listen_guarded(run)
+
+
+@main.command()
+@join_option
+@click.argument("topic")
+@click.argument("message")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True)
+@seal_key_option
+def publish(join: str | None, topic: str, message: str, connect_timeout: float, seal_key: str | None) -> None:
+    """Send MESSAGE to every current subscriber of TOPIC ('-' reads stdin)."""
+    body = _message_text(message)
+
+    def run() -> None:
+        with _messenger(join, seal_key, connect_timeout) as c:
+            c.publish(topic, body).result(30)
+
+    _run_guarded(run)
+
+
+@main.command()
+@join_option
+@click.argument("topics", nargs=-1, required=True)
+@click.option("--once", is_flag=True, help="Exit after the first message.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True)
+@seal_key_option
+def subscribe(
+    join: str | None, topics: tuple[str, ...], once: bool, as_json: bool, connect_timeout: float, seal_key: str | None
+) -> None:
+    """Print every message published to TOPICS as it arrives."""
+
+    def run() -> None:
+        with _messenger(join, seal_key, connect_timeout) as c:
+            c.subscribe(*topics)
+            while True:
+                msg = c.receive()
+                if msg.topic:
+                    _print_message(msg, as_json)
+                    if once:
+                        return
+
+    _listen_guarded(run)
+
+
+@main.command()
+@join_option
+@click.option("--to", "to", required=True, help="The peer to talk to.")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True)
+@seal_key_option
+def chat(join: str | None, to: str, connect_timeout: float, seal_key: str | None) -> None:
+    """Talk to the peer named --to: each line you type is sent; what it sends is printed.
+
+    Ctrl-D or Ctrl-C ends the chat.
+    """
+    import threading
+
+    def run() -> None:
+        with _messenger(join, seal_key, connect_timeout) as c:
+            click.echo(f"chatting with {to} as {c.welcome.key_name if c.welcome else '?'} (Ctrl-D to end)", err=True)
+
+            def show() -> None:
+                while not c.closed:
+                    try:
+                        msg = c.receive(0.5)
+                    except TimeoutError:
+                        continue
+                    except ZlinkError as exc:
+                        click.echo(f"zlink: {exc}", err=True)
+                        continue
+                    if msg.sender == to and not msg.topic:
+                        _print_message(msg, False)
+
+            threading.Thread(target=show, name="zlink-chat", daemon=True).start()
+            for line in sys.stdin:
+                text = line.rstrip("\n")
+                if not text:
+                    continue
+                try:
+                    c.send(to, text).result(90)
+                except ZlinkError as exc:
+                    click.echo(f"zlink: not delivered: {exc}", err=True)
+
+    _listen_guarded(run)
+
+
+def _listen_guarded(fn: Callable[[], Any]) -> None:
+    """Like _run_guarded, and Ctrl-C ends a listening command quietly (exit 0)."""
+    try:
+        _run_guarded(fn)
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
 # --------------------------------------------------------------------------- demo
 
 
