@@ -78,6 +78,10 @@ class Broker:
         max_message_size: int = 16 * 1024 * 1024,
         max_tasks_per_client: int = 1_000_000,
         max_submit_rate: float = 100_000.0,
+        max_conversation_turns: int = 1000,
+        max_conversation_rate: float = 20.0,
+        max_task_questions: int = 100,
+        max_message_ttl: float = 600.0,
     ) -> None:
         if not bind.startswith("tcp://"):
             raise ConfigError(f"bind address must look like tcp://HOST:PORT, got {bind!r}")
@@ -96,6 +100,12 @@ class Broker:
         if max_submit_rate < 0:
             raise ConfigError("--max-submit-rate must be >= 0 (0: no limit)")
         self.max_submit_rate = max_submit_rate
+        if max_conversation_turns < 1 or max_conversation_rate < 0 or max_task_questions < 0 or max_message_ttl < 0:
+            raise ConfigError("loop-guard limits must be positive (a rate of 0: no rate limit)")
+        self.max_conversation_turns = max_conversation_turns
+        self.max_conversation_rate = max_conversation_rate
+        self.max_task_questions = max_task_questions
+        self.max_message_ttl = max_message_ttl
         self.epoch = os.urandom(8)
         self.endpoint = ""
         self.beacon_endpoint = ""
@@ -200,6 +210,10 @@ class Broker:
             heartbeat_port=_port_of(self.heartbeat_endpoint),
             max_tasks_per_client=self.max_tasks_per_client,
             max_submit_rate=self.max_submit_rate,
+            max_conversation_turns=self.max_conversation_turns,
+            max_conversation_rate=self.max_conversation_rate,
+            max_task_questions=self.max_task_questions,
+            max_message_ttl=self.max_message_ttl,
         )
         sched = self.sched = Scheduler(epoch=self.epoch, config=config, now=now)
         log.info(

@@ -139,6 +139,21 @@ def main() -> None:
     help="New tasks per second one client key may submit (0: no limit); clients pace themselves.",
 )  # fmt: skip
 @click.option(
+    "--max-conversation-turns", type=int, default=1000, show_default=True,
+    help="Loop guard: turns two peers may take per hour before their conversation pauses.",
+)  # fmt: skip
+@click.option(
+    "--max-conversation-rate", type=float, default=20.0, show_default=True,
+    help="Loop guard: turns per second between two peers (0: no limit); over it the conversation pauses 10 s.",
+)  # fmt: skip
+@click.option(
+    "--max-task-questions", type=int, default=100, show_default=True, help="Loop guard: questions one task may ask."
+)
+@click.option(
+    "--max-message-ttl", type=float, default=600.0, show_default=True,
+    help="Longest (s) the broker holds a message for a peer that is not connected (in memory only).",
+)  # fmt: skip
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @click.option("--quiet", is_flag=True, help="Do not print the start-up banner.")
@@ -150,6 +165,10 @@ def broker(
     max_message_size: int,
     max_tasks_per_client: int,
     max_submit_rate: float,
+    max_conversation_turns: int,
+    max_conversation_rate: float,
+    max_task_questions: int,
+    max_message_ttl: float,
     log_level: str,
     quiet: bool,
 ) -> None:
@@ -163,7 +182,9 @@ def broker(
         return Broker(
             bind=bind, home=home, heartbeat_interval=heartbeat_interval,
             liveness=liveness, max_message_size=max_message_size, max_tasks_per_client=max_tasks_per_client,
-            max_submit_rate=max_submit_rate,
+            max_submit_rate=max_submit_rate, max_conversation_turns=max_conversation_turns,
+            max_conversation_rate=max_conversation_rate, max_task_questions=max_task_questions,
+            max_message_ttl=max_message_ttl,
         )  # fmt: skip
 
     import signal
