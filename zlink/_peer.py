@@ -180,7 +180,8 @@ class PeerLink(ABC):
         self._topics: set[str] = set()
         self._mids = itertools.count(1)
         self._msg_sealer = MessageSealer(self.seal_key) if self.seal_key is not None else None
-        #: payloads that failed to open (tampered, wrong seal key, unsealed in a sealed swarm)
+        #: sealed payloads (tasks, results, messages, answers) that failed to open: tampered
+        #: with, sealed with another seal key, or unsealed in a swarm that seals
         self.seal_failures = 0
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._thread = threading.Thread(target=self._run, name=f"zlink-{self.hat}-io", daemon=True)

@@ -252,8 +252,6 @@ class Client(PeerLink):
         self._pinged = time.monotonic()
         #: sealed payloads: tasks sealed for the nodes, results opened (None: unsealed swarm)
         self._sealer = ClientSealer(self.seal_key) if self.seal_key is not None else None
-        #: results that failed to open (tampered, wrong seal key, unsealed in a sealed swarm)
-        self.seal_failures = 0
         self._connect()
 
     # ------------------------------------------------------------------ public API

@@ -370,8 +370,6 @@ class Node(PeerLink):
         self._unacked: dict[bytes, tuple[int, int, bytes, _Seal]] = {}
         #: sealed payloads: opens tasks, seals results to their clients (None: unsealed swarm)
         self._sealer = NodeSealer(self.seal_key) if self.seal_key is not None else None
-        #: tasks that failed to open (tampered, wrong seal key, unsealed in a sealed swarm)
-        self.seal_failures = 0
         #: batches with a per-item timeout, watched for hung items by the I/O thread
         self._batch_runs: dict[bytes, tuple[TaskContext, _BatchRun]] = {}
         self._draining = False
