@@ -50,12 +50,40 @@ def _run_guarded(fn: Callable[[], Any]) -> Any:
         _fail(str(exc), EXIT_TASK)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (ids, skills, sizes and timings only)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def log_options(fn: F) -> F:
+    fn = click.option(
+        "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+        help="Log lines as text, or one JSON object per line.",
+    )(fn)  # fmt: skip
+    return click.option(
+        "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+    )(fn)
 
 
 def _no_core_dumps() -> None:
@@ -153,9 +181,7 @@ def main() -> None:
     "--max-message-ttl", type=float, default=600.0, show_default=True,
     help="Longest (s) the broker holds a message for a peer that is not connected (in memory only).",
 )  # fmt: skip
-@click.option(
-    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
-)
+@log_options
 @click.option("--quiet", is_flag=True, help="Do not print the start-up banner.")
 def broker(
     bind: str,
@@ -170,12 +196,13 @@ def broker(
     max_task_questions: int,
     max_message_ttl: float,
     log_level: str,
+    log_format: str,
     quiet: bool,
 ) -> None:
     """Run the broker (until Ctrl-C or SIGTERM)."""
     from .broker import Broker
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     _no_core_dumps()
 
     def make() -> Broker:
@@ -364,9 +391,7 @@ def seal_key(out: Path | None, key_from: str | None, join_text: str | None) -> N
 @click.option("--name", default=None, help="Node name (default: the join string's).")
 @click.option("--heartbeat-interval", type=float, default=None, help="Seconds (default: the broker's).")
 @click.option("--liveness", type=int, default=None, help="Missed beacons before the broker is presumed gone.")
-@click.option(
-    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
-)
+@log_options
 @seal_key_option
 def node(
     join: str | None,
@@ -377,12 +402,13 @@ def node(
     heartbeat_interval: float | None,
     liveness: int | None,
     log_level: str,
+    log_format: str,
     seal_key: str | None,
 ) -> None:
     """Run a node serving the skills in a module (until Ctrl-C or SIGTERM)."""
     from .node import Node
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     _no_core_dumps()
     if slots < 1:
         _fail("--slots must be at least 1", EXIT_CONFIG)
