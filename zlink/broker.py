@@ -82,6 +82,7 @@ class Broker:
         max_conversation_rate: float = 20.0,
         max_task_questions: int = 100,
         max_message_ttl: float = 600.0,
+        metrics: str | None = None,
     ) -> None:
         if not bind.startswith("tcp://"):
             raise ConfigError(f"bind address must look like tcp://HOST:PORT, got {bind!r}")
@@ -106,6 +107,12 @@ class Broker:
         self.max_conversation_rate = max_conversation_rate
         self.max_task_questions = max_task_questions
         self.max_message_ttl = max_message_ttl
+        #: "HOST:PORT" of the Prometheus endpoint (None: off)
+        self.metrics = metrics
+        self.metrics_address = ""
+        self._want_status = threading.Event()
+        self._status_ready = threading.Event()
+        self._status_snapshot: dict[str, Any] | None = None
         self.epoch = os.urandom(8)
         self.endpoint = ""
         self.beacon_endpoint = ""
@@ -216,6 +223,16 @@ class Broker:
             max_message_ttl=self.max_message_ttl,
         )
         sched = self.sched = Scheduler(epoch=self.epoch, config=config, now=now)
+        metrics_server = None
+        if self.metrics:
+            from .metrics import MetricsServer
+
+            try:
+                metrics_server = MetricsServer(self.metrics, self._snapshot).start()
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot serve metrics on {self.metrics}: {exc}") from None
+            self.metrics_address = metrics_server.address
+            log.info("metrics on http://%s/metrics", self.metrics_address)
         log.info(
             "broker listening on %s (beacon %s, heartbeats %s), epoch %s",
             self.endpoint, self.beacon_endpoint, self.heartbeat_endpoint, self.epoch.hex(),
@@ -295,9 +312,23 @@ class Broker:
                 sched.counters["auth_denied"] = self.zap.denied
             if due:
                 self._send(router, handle(Tick(), now))
+            if self._want_status.is_set():
+                self._want_status.clear()
+                self._status_snapshot = sched.status()
+                self._status_ready.set()
         log.info("broker stopping")
+        if metrics_server is not None:
+            metrics_server.stop()
         for s in (router, beacon, hb, zap):
             s.close(linger=0)
+
+    def _snapshot(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        """The scheduler's status, taken by the broker's loop (thread-safe; None if it does not answer)."""
+        self._status_ready.clear()
+        self._want_status.set()
+        if not self._status_ready.wait(timeout):
+            return None
+        return self._status_snapshot
 
     def _identity(self, header: zmq.Frame) -> Identity | None:
         try:

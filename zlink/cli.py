@@ -178,6 +178,10 @@ def main() -> None:
     "--max-task-questions", type=int, default=100, show_default=True, help="Loop guard: questions one task may ask."
 )
 @click.option(
+    "--metrics", default=None, metavar="HOST:PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (off by default; e.g. 127.0.0.1:9464).",
+)  # fmt: skip
+@click.option(
     "--max-message-ttl", type=float, default=600.0, show_default=True,
     help="Longest (s) the broker holds a message for a peer that is not connected (in memory only).",
 )  # fmt: skip
@@ -195,6 +199,7 @@ def broker(
     max_conversation_rate: float,
     max_task_questions: int,
     max_message_ttl: float,
+    metrics: str | None,
     log_level: str,
     log_format: str,
     quiet: bool,
@@ -211,7 +216,7 @@ def broker(
             liveness=liveness, max_message_size=max_message_size, max_tasks_per_client=max_tasks_per_client,
             max_submit_rate=max_submit_rate, max_conversation_turns=max_conversation_turns,
             max_conversation_rate=max_conversation_rate, max_task_questions=max_task_questions,
-            max_message_ttl=max_message_ttl,
+            max_message_ttl=max_message_ttl, metrics=metrics,
         )  # fmt: skip
 
     import signal

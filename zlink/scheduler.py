@@ -11,6 +11,7 @@ Payload frames are carried as opaque objects: the scheduler never looks inside.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import deque
@@ -70,6 +71,9 @@ MAILBOX_PER_NAME: Final = 1000
 MAILBOX_BYTES: Final = 64 * 1024 * 1024
 MAX_TOPICS_PER_PEER: Final = 1024
 MAX_CONVERSATIONS: Final = 100_000
+
+#: upper bounds (seconds) of the task latency histogram buckets (status and metrics)
+LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 #: the broker's submission rate limit allows this much more than clients pace themselves to
 RATE_HEADROOM: Final = 1.2
@@ -231,6 +235,7 @@ class Task:
     __slots__ = (
         "attempt",
         "client",
+        "created",
         "deadline",
         "deaths",
         "gated",
@@ -251,6 +256,7 @@ class Task:
         self.tid = spec.tid
         self.skill = spec.skill
         self.client = client
+        self.created = 0.0  # when it was submitted (scheduler clock)
         self.payload = payload
         self.attempt = 0
         self.questions = 0
@@ -310,6 +316,9 @@ class Scheduler:
             "messages": 0, "published": 0, "loop_guard": 0, "stale_answers": 0,
         }  # fmt: skip
         self.errors: dict[str, int] = {}
+        #: skill -> [count per LATENCY_BUCKETS bucket (the last one: +Inf), sum of seconds]:
+        #: submit-to-result time of the tasks nodes answered
+        self.latency: dict[str, list[float]] = {}
         self._client_sweep = 0.0  # next look for silent clients
         #: agent messaging: key name -> the session that receives that name's messages
         self.inbox_of: dict[str, Peer] = {}
@@ -619,6 +628,7 @@ class Scheduler:
                 continue
             deadline = now + spec.timeout if spec.timeout is not None else math.inf
             task = Task(spec, client, payload, deadline)
+            task.created = now
             if self.fence and tid in self.fence:
                 task.attempt = self.fence[tid][0]
             self.tasks[tid] = task
@@ -705,6 +715,7 @@ class Scheduler:
                 self._requeue_tasks(node, {tid: attempt}, died=False)
                 continue
             self._forget(task)
+            self._observe(task.skill, self._now - task.created)
             if item.status == Outcome.OK:
                 self.counters["done"] += 1
                 node.done += 1
@@ -1339,4 +1350,17 @@ class Scheduler:
             "running": running,
             "counters": dict(self.counters),
             "errors": dict(self.errors),
+            "latency": {
+                skill: {"le": list(LATENCY_BUCKETS), "counts": h[:-1], "sum": round(h[-1], 6)}
+                for skill, h in self.latency.items()
+            },
         }
+
+    def _observe(self, skill: str, seconds: float) -> None:
+        h = self.latency.get(skill)
+        if h is None:
+            if len(self.latency) >= 10_000:
+                return  # bounded: skills come from nodes, but be safe
+            h = self.latency[skill] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        h[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        h[-1] += seconds
