@@ -44,7 +44,9 @@ def _run_guarded(fn: Callable[[], Any]) -> Any:
         _fail(str(exc), EXIT_CONNECT)
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
-    except (TaskError, RejectedError) as exc:
+    except RejectedError as exc:
+        _fail(f"refused: {exc}" if exc.code == "forbidden" else f"task failed: {exc}", EXIT_TASK)
+    except TaskError as exc:
         _fail(f"task failed: {exc}", EXIT_TASK)
     except ZlinkError as exc:
         _fail(str(exc), EXIT_TASK)
@@ -544,6 +546,60 @@ def render_status(st: dict[str, Any]) -> str:
         errs = ", ".join(f"{k}={v}" for k, v in sorted(st.get("errors", {}).items())) or "none"
         lines.append(f"refused: auth {c.get('auth_denied', 0)}  protocol {errs}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- operators
+
+
+def _admin_op(join: str | None, op: str, arg: str, connect_timeout: float) -> None:
+    from .client import Client
+
+    def run() -> dict[str, Any]:
+        with Client(join, connect_timeout=connect_timeout) as c:
+            return c.admin(op, arg)
+
+    reply: dict[str, Any] = _run_guarded(run)
+    if not reply.get("ok"):
+        _fail(str(reply.get("message", "refused")), EXIT_TASK)
+    click.echo(str(reply.get("message", "")))
+
+
+@main.command()
+@join_option
+@click.argument("node_name", metavar="NODE")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True)
+def drain(join: str | None, node_name: str, connect_timeout: float) -> None:
+    """Drain NODE: it takes no new tasks, finishes its running ones, then stops (admin key)."""
+    _admin_op(join, "drain", node_name, connect_timeout)
+
+
+@main.command()
+@join_option
+@click.argument("task_id")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True)
+def cancel(join: str | None, task_id: str, connect_timeout: float) -> None:
+    """Cancel the task TASK_ID (hex), whoever submitted it (admin key); its client sees TaskCancelled."""
+    _admin_op(join, "cancel", task_id, connect_timeout)
+
+
+@main.command()
+@join_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True)
+def nodes(join: str | None, as_json: bool, connect_timeout: float) -> None:
+    """List the connected nodes: name, slots busy/total, heartbeat age, done, failed, seal key, skills."""
+    from .client import Client
+
+    def run() -> dict[str, Any]:
+        with Client(join, connect_timeout=connect_timeout) as c:
+            return c.status()
+
+    st: dict[str, Any] = _run_guarded(run)
+    if as_json:
+        click.echo(json.dumps(st["nodes"], indent=2, sort_keys=True))
+        return
+    lines = render_status(st).splitlines()
+    click.echo("\n".join(line for line in lines[1:] if not line.startswith(("queued:", "tasks:", "refused:"))))
 
 
 # --------------------------------------------------------------------------- agent messaging

@@ -578,11 +578,21 @@ class Client(PeerLink):
 
     def status(self, timeout: float = 10.0) -> dict[str, Any]:
         """The broker's view: nodes, queued tasks per skill, counters."""
+        return self._ask_broker(P.Status(), timeout)
+
+    def admin(self, op: str, arg: str, timeout: float = 10.0) -> dict[str, Any]:
+        """An operator's request (needs an admin key): ``admin("drain", NODE)``, ``admin("cancel", TASK_ID)``.
+
+        Returns ``{"op", "ok", "message"}``; raises RejectedError for a key that is not admin.
+        """
+        return self._ask_broker(P.Status(op=op, arg=arg), timeout)
+
+    def _ask_broker(self, request: P.Status, timeout: float) -> dict[str, Any]:
         fut: cf.Future[dict[str, Any]] = cf.Future()
 
         def ask() -> None:
             self._status_waiters.append(fut)
-            self._post(P.Status())
+            self._post(request)
 
         self.call_soon(ask)
         try:

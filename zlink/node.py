@@ -373,6 +373,7 @@ class Node(PeerLink):
         #: batches with a per-item timeout, watched for hung items by the I/O thread
         self._batch_runs: dict[bytes, tuple[TaskContext, _BatchRun]] = {}
         self._draining = False
+        self._drain_requested = False  # by an operator (zlink drain): run() stops once drained
         self.completed = 0
 
     # ------------------------------------------------------------------ skills
@@ -465,7 +466,7 @@ class Node(PeerLink):
             while not self._stop.wait(0.1):
                 if self.closed:
                     break
-                if signals:
+                if signals or self._drain_requested:
                     log.info("draining: no new tasks; finishing running ones within %g s", grace)
                     self.drain(grace)
                     break
@@ -592,6 +593,11 @@ class Node(PeerLink):
                     running._cancel()
         elif t is P.Answer:
             self._on_answer(msg, frames)  # type: ignore[arg-type]
+        elif t is P.Drain:  # an operator drained this node (zlink drain NODE)
+            log.info("drained by an operator: finishing running tasks, then stopping")
+            self._drain_requested = True
+            if not self._draining:
+                self._begin_drain()
         elif t is P.Error:
             err: P.Error = msg  # type: ignore[assignment]
             if err.code == "loop-guard" and err.tids:

@@ -497,9 +497,18 @@ class Beacon(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Status(Message):
-    """Ask the broker for a snapshot of nodes, queues and counters."""
+    """Client to broker: the broker's view (answered by STATUS_REPLY).
+
+    With ``op`` (admin keys only), an operation instead: ``"drain"`` the node
+    named ``arg``, or ``"cancel"`` the task whose hex id is ``arg``; the reply's
+    status is ``{"op", "ok", "message"}``.
+    """
 
     COMMAND: ClassVar[str] = "STATUS"
+    op: str = ""
+    arg: str = ""
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("op", _v_str(32)), ("arg", _v_str(MAX_NAME)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -417,6 +417,11 @@ class Scheduler:
             self._on_result(peer, msg, ev.frames)  # type: ignore[arg-type]
         elif t is P.Cancel and type(peer) is Client:
             self._on_cancel(peer, msg.tids)  # type: ignore[attr-defined]
+        elif t is P.Status and msg.op:  # type: ignore[attr-defined]
+            if "admin" in ROLES[peer.identity.role]:
+                self._out.append(Send(ev.route, P.StatusReply(status=self._admin(msg.op, msg.arg))))  # type: ignore[attr-defined]
+            else:
+                self._error(ev.route, "forbidden", f"role {peer.identity.role!r} may not manage the swarm (admin only)")
         elif t is P.Status:
             if "status" in ROLES[peer.identity.role]:
                 self._out.append(Send(ev.route, P.StatusReply(status=self.status())))
@@ -1355,6 +1360,32 @@ class Scheduler:
                 for skill, h in self.latency.items()
             },
         }
+
+    def _admin(self, op: str, arg: str) -> dict[str, Any]:
+        """An operator's request (admin keys): drain a node, cancel a task."""
+        if op == "drain":
+            nodes = [n for n in self.nodes.values() if n.alive and arg in (n.name, n.identity.name)]
+            if not nodes:
+                return {"op": op, "ok": False, "message": f"no connected node named {arg!r}"}
+            for node in nodes:
+                node.draining = True
+                node.capacity = 0
+                self._dispatch.pop(node, None)
+                self._out.append(Send(node.route, P.Drain(reason="drained by an operator")))
+            return {"op": op, "ok": True, "message": f"draining {', '.join(n.name for n in nodes)}"}
+        if op == "cancel":
+            try:
+                tid = bytes.fromhex(arg)
+            except ValueError:
+                return {"op": op, "ok": False, "message": f"{arg!r} is not a task id (hex)"}
+            task = self.tasks.get(tid)
+            if task is None:
+                return {"op": op, "ok": False, "message": f"no task {arg} at this broker (finished, or never here)"}
+            self.counters["cancelled"] += 1
+            self._cancel_task(task)
+            self._deliver_status(task.client, tid, task.attempt, Outcome.CANCELLED, "cancelled by an operator")
+            return {"op": op, "ok": True, "message": f"cancelled task {arg}"}
+        return {"op": op, "ok": False, "message": f"unknown operation {op!r} (drain, cancel)"}
 
     def _observe(self, skill: str, seconds: float) -> None:
         h = self.latency.get(skill)
