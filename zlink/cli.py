@@ -139,13 +139,50 @@ def home_option(fn: F) -> F:
     )(fn)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _load_config(ctx: click.Context, _param: click.Parameter, path: str | None) -> None:
+    """--config FILE: TOML with one table per command; it becomes the commands' defaults."""
+    if not path:
+        return
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
+        except ImportError:
+            _fail("--config needs Python 3.11+, or 'pip install tomli'", EXIT_CONFIG)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        _fail(f"cannot read the config file {path}: {exc.strerror}", EXIT_CONFIG)
+    except tomllib.TOMLDecodeError as exc:
+        _fail(f"the config file {path} is not valid TOML: {exc}", EXIT_CONFIG)
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    unknown = sorted(set(tables) - set(main.commands))
+    if unknown or len(tables) != len(data):
+        commands = ", ".join(sorted(main.commands))
+        _fail(f"{path}: expected one [table] per command ({commands}); got {unknown or list(data)}", EXIT_CONFIG)
+    # TOML uses the options' names with dashes or underscores
+    ctx.default_map = {cmd: {k.replace("-", "_"): v for k, v in opts.items()} for cmd, opts in tables.items()}
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "auto_envvar_prefix": "ZLINK"}
+)
 @click.version_option(__version__, prog_name="zlink")
+@click.option(
+    "--config", type=click.Path(dir_okay=False), envvar="ZLINK_CONFIG", callback=_load_config, expose_value=False,
+    is_eager=True, help="TOML file of defaults, one [table] per command (e.g. [broker] bind = ...).",
+)  # fmt: skip
 def main() -> None:
     """zlink: fan work out across agents and machines through one encrypted relay.
 
     Start with 'zlink demo'. To build a swarm: 'zlink broker' on one host,
     'zlink invite' there for each peer, then 'zlink node --join ...' on workers.
+
+    Every option can also come from the environment, as ZLINK_<COMMAND>_<OPTION>
+    (e.g. ZLINK_BROKER_BIND, ZLINK_NODE_SLOTS), or from --config FILE. The first
+    found wins: command line, environment, config file, built-in default.
     """
 
 
