@@ -173,6 +173,8 @@ class PeerLink(ABC):
         self._hello_backoff = 1.0
         self._beacon_endpoint = ""
         self.dropped_sends = 0
+        #: seconds the broker's wall clock is ahead of ours, from its last beacon (None: none heard)
+        self.clock_offset: float | None = None
         # agent messaging
         self._inbox: queue.Queue[Message | BaseException] = queue.Queue()
         self._sending: dict[bytes, cf.Future[None]] = {}
@@ -538,6 +540,8 @@ class PeerLink(ABC):
                 continue
             if type(msg) is P.Beacon:
                 self._last_beacon = time.monotonic()
+                if msg.time:  # the broker's wall clock minus ours (plus the beacon's travel time)
+                    self.clock_offset = msg.time - time.time()
                 if self.epoch is not None and msg.epoch != self.epoch and self.welcome is not None:
                     log.info("broker restarted (new epoch %s): registering again", msg.epoch.hex())
                     self.welcome = None

@@ -19,7 +19,8 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from . import __version__
-from .errors import AuthenticationError, ConfigError, ConnectError, RejectedError, TaskError, ZlinkError
+from . import protocol as P
+from .errors import AuthenticationError, ConfigError, ConnectError, ProtocolError, RejectedError, TaskError, ZlinkError
 from .security import ROLE_NAMES, BrokerHome, KeyPair, check_name, default_host, generate_keypair, read_cert, write_cert
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -637,6 +638,127 @@ def nodes(join: str | None, as_json: bool, connect_timeout: float) -> None:
         return
     lines = render_status(st).splitlines()
     click.echo("\n".join(line for line in lines[1:] if not line.startswith(("queued:", "tasks:", "refused:"))))
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+@main.command()
+@join_option
+@seal_key_option
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds for each check.")
+def doctor(join: str | None, seal_key: str | None, timeout: float) -> None:
+    """Check a join string end to end and say how to fix what is wrong.
+
+    Checks the join string, that each broker port answers, the CurveZMQ
+    handshake and the key's authorisation, the key's role, the protocol
+    version, the clock offset to the broker, and payload sealing.
+    """
+    import socket as _socket
+
+    from .client import Client
+    from .security import Join, resolve_seal_key
+
+    problems = 0
+
+    def ok(text: str) -> None:
+        click.echo(f"  ok    {text}")
+
+    def bad(text: str, fix: str) -> None:
+        nonlocal problems
+        problems += 1
+        click.echo(f"  FAIL  {text}\n        fix: {fix}")
+
+    def warn(text: str, fix: str) -> None:
+        click.echo(f"  WARN  {text}\n        fix: {fix}")
+
+    click.echo("zlink doctor")
+    try:
+        j = Join.from_env(join)
+    except ConfigError as exc:
+        bad(f"join string: {exc}", "ask the broker's operator for a new one: zlink invite --name NAME --role ROLE")
+        sys.exit(EXIT_CONFIG)
+    ok(f"join string: key {j.name or '(unnamed)'!r}, role {j.role}, broker {', '.join(j.endpoints)}")
+    from urllib.parse import urlsplit
+
+    reachable = True
+    for endpoint in j.endpoints:
+        url = urlsplit(endpoint)
+        host, port = url.hostname or "", url.port or 0
+        for offset, what in ((0, "main"), (1, "beacon"), (2, "heartbeat")):
+            try:
+                with _socket.create_connection((host, port + offset), timeout=timeout):
+                    pass
+                ok(f"{what} port {host}:{port + offset} answers")
+            except OSError as exc:
+                reachable = False
+                bad(
+                    f"{what} port {host}:{port + offset} does not answer ({exc.strerror or exc})",
+                    f"is the broker running? is TCP {port}-{port + 2} open in every firewall between here and {host}?",
+                )
+    if not reachable:
+        sys.exit(EXIT_CONNECT)
+    try:
+        key = resolve_seal_key(seal_key, j)
+    except ConfigError as exc:
+        bad(f"seal key: {exc}", "fix or remove --seal-key / $ZLINK_SEAL_KEY")
+        key = None
+    try:
+        with Client(j, connect_timeout=timeout, seal_key=key) as c:
+            w = c.welcome
+            assert w is not None
+            ok(f"CurveZMQ handshake: the broker accepted key {w.key_name!r}")
+            ok(f"protocol version {P.PROTOCOL_VERSION}: the broker speaks it")
+            ok(f"role {w.role!r}: " + {
+                "node": "may serve skills (not submit tasks or read status)",
+                "client": "may submit tasks, send messages and read status",
+                "both": "may serve skills and submit tasks",
+                "admin": "may submit tasks, read status and manage the swarm",
+            }.get(w.role, "unknown"))  # fmt: skip
+            deadline = time.monotonic() + min(timeout, 2 * w.heartbeat_interval + 0.5)
+            while c.clock_offset is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if c.clock_offset is None:
+                bad("no broker beacon heard", f"TCP port {port + 1} must be reachable for liveness; check firewalls")
+            elif abs(c.clock_offset) > 1.0:
+                bad(
+                    f"clock offset to the broker: {c.clock_offset:+.2f} s",
+                    "run NTP (chrony/systemd-timesyncd) on both machines; zlink does not need synced clocks, "
+                    "but logs and metrics are hard to correlate",
+                )
+            else:
+                ok(f"clock offset to the broker: {c.clock_offset * 1000:+.0f} ms")
+            if key is None:
+                warn(
+                    "payloads are NOT sealed end to end (no seal key): the broker host can read them",
+                    "make one on a trusted machine: zlink seal-key --out swarm.key, then --seal-key or add it "
+                    "to join strings with zlink seal-key --key swarm.key --join ...",
+                )
+            else:
+                ok(f"payloads sealed with seal key {key.key_id}")
+                if w.role != "node":
+                    try:
+                        st = c.status(timeout)
+                        ids = [i for i in st.get("seal_keys", []) if i]
+                        if ids and ids != [key.key_id]:
+                            bad(
+                                f"nodes use seal key(s) {', '.join(ids)}, this peer {key.key_id}",
+                                "give every peer the same seal key",
+                            )
+                    except ZlinkError:
+                        pass
+    except AuthenticationError as exc:
+        bad(
+            f"CurveZMQ handshake refused: {exc}",
+            "the key is not authorised here (or was revoked), or the join string names an old broker key: "
+            "ask the operator for a new join string (zlink invite)",
+        )
+    except ConnectError as exc:
+        bad(f"no answer to HELLO: {exc}", "the broker may be overloaded or an older version; check its log")
+    except ProtocolError as exc:
+        bad(f"protocol: {exc}", "upgrade zlink here or on the broker so both speak the same version")
+    click.echo("all checks passed" if not problems else f"{problems} problem(s) found")
+    sys.exit(0 if not problems else EXIT_TASK)
 
 
 # --------------------------------------------------------------------------- agent messaging
