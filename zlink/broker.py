@@ -41,6 +41,13 @@ ZAP_ENDPOINT: Final = "inproc://zeromq.zap.01"
 _DRAIN: Final = 2000
 
 
+def _peer_address(frame: zmq.Frame) -> str:
+    try:
+        return str(frame.get("Peer-Address"))
+    except (zmq.ZMQError, TypeError):
+        return ""
+
+
 def _port_of(endpoint: str) -> int:
     try:
         return int(endpoint.rsplit(":", 1)[1])
@@ -279,8 +286,11 @@ class Broker:
                         sched.count_error(exc.code)
                         self._send(router, [Send(route, P.Error(code=exc.code, message=str(exc)[:500]))])
                         continue
-                    identity = self._identity(header) if type(msg) is P.Hello else None
-                    self._send(router, handle(PeerMessage(route, msg, frames[2:], identity), now))
+                    identity = address = None
+                    if type(msg) is P.Hello:
+                        identity = self._identity(header)
+                        address = _peer_address(header)
+                    self._send(router, handle(PeerMessage(route, msg, frames[2:], identity, address or ""), now))
             due = now >= sched.next_wakeup()
             if due:
                 for _ in range(1_000_000):

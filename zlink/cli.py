@@ -640,6 +640,37 @@ def nodes(join: str | None, as_json: bool, connect_timeout: float) -> None:
     click.echo("\n".join(line for line in lines[1:] if not line.startswith(("queued:", "tasks:", "refused:"))))
 
 
+@main.command()
+@join_option
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one frame (after two samples, for the rates) and exit.")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True)
+def top(join: str | None, interval: float, once: bool, connect_timeout: float) -> None:
+    """A live view of the swarm: nodes, load, throughput, queues, recent events (Ctrl-C ends it)."""
+    import shutil
+
+    from .client import Client
+    from .top import Top
+
+    if interval <= 0:
+        _fail("--interval must be more than 0", EXIT_CONFIG)
+
+    def run() -> None:
+        dash = Top()
+        with Client(join, connect_timeout=connect_timeout) as c:
+            dash.update(c.status())
+            while True:
+                time.sleep(interval)
+                dash.update(c.status())
+                frame = dash.render(shutil.get_terminal_size((120, 40)).columns)
+                if once:
+                    click.echo(frame)
+                    return
+                click.echo("\x1b[H\x1b[2J" + frame, nl=False)  # home, clear, draw
+
+    _listen_guarded(run)
+
+
 # --------------------------------------------------------------------------- doctor
 
 

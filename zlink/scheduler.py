@@ -96,6 +96,8 @@ class PeerMessage:
     msg: P.Message
     frames: list[Any] = field(default_factory=list)
     identity: Identity | None = None
+    #: the peer's network address as the socket saw it (on HELLO; for status only)
+    address: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +179,7 @@ class SchedulerConfig:
 
 
 class Peer:
-    __slots__ = ("hat", "identity", "last_seen", "name", "route", "seal", "session", "topics")
+    __slots__ = ("address", "hat", "identity", "last_seen", "name", "route", "seal", "session", "topics")
 
     def __init__(self, route: bytes, session: bytes, name: str, identity: Identity, hat: str, now: float) -> None:
         self.route = route
@@ -188,6 +190,7 @@ class Peer:
         self.last_seen = now
         self.seal = ""  # the public id of the peer's seal key, "" when unsealed
         self.topics: set[str] = set()  # agent messaging: topics it subscribed to
+        self.address = ""
 
 
 #: seconds of work the broker tries to keep queued at a node beyond its slots
@@ -316,6 +319,8 @@ class Scheduler:
             "messages": 0, "published": 0, "loop_guard": 0, "stale_answers": 0,
         }  # fmt: skip
         self.errors: dict[str, int] = {}
+        #: recent swarm events for operators (node joins, deaths, departures): (time, text)
+        self.events: deque[tuple[float, str]] = deque(maxlen=50)
         #: skill -> [count per LATENCY_BUCKETS bucket (the last one: +Inf), sum of seconds]:
         #: submit-to-result time of the tasks nodes answered
         self.latency: dict[str, list[float]] = {}
@@ -399,6 +404,9 @@ class Scheduler:
         msg = ev.msg
         if type(msg) is P.Hello:
             self._on_hello(ev.route, msg, ev.identity)
+            peer = self.peers.get(ev.route)
+            if peer is not None and ev.address:
+                peer.address = ev.address
             return
         peer = self.peers.get(ev.route)
         if peer is None:
@@ -491,6 +499,7 @@ class Scheduler:
             self.nodes[msg.session] = node
             for skill in msg.skills:
                 self.skill_nodes.setdefault(skill, []).append(node)
+            self._event(f"node {name} joined: {msg.slots} slot(s), skills {', '.join(sorted(msg.skills))[:200]}")
             peer = node
         else:
             peer = Client(route, msg.session, name, identity, hat, self._now)
@@ -981,7 +990,11 @@ class Scheduler:
             node.alive = False
         for node in dead:
             self.counters["nodes_died"] += 1
+            held = len(node.inflight)
             self._drop_peer(node, "dead")
+            self._event(
+                f"node {node.name} died (no heartbeat for {self.config.node_timeout:g} s); {held} task(s) requeued"
+            )
 
     def _on_gone(self, route: bytes) -> None:
         self.counters["undeliverable"] += 1
@@ -1233,6 +1246,8 @@ class Scheduler:
         if type(peer) is Node:
             self.nodes.pop(peer.session, None)
             peer.alive = False
+            if why in ("bye", "revoked", "gone"):
+                self._event(f"node {peer.name} left ({why}); {len(peer.inflight)} task(s) handed back")
             if why == "dead":
                 self.ghosts[peer.session] = (peer.route, peer.identity.key)
                 if len(self.ghosts) > 10_000:
@@ -1346,6 +1361,8 @@ class Scheduler:
                     "done": n.done,
                     "failed": n.failed,
                     "seal": n.seal,
+                    "address": n.address,
+                    "draining": n.draining,
                 }
                 for n in sorted(self.nodes.values(), key=lambda n: n.name)
             ],
@@ -1355,6 +1372,7 @@ class Scheduler:
             "running": running,
             "counters": dict(self.counters),
             "errors": dict(self.errors),
+            "events": [[round(t - self.started, 3), text] for t, text in self.events],
             "latency": {
                 skill: {"le": list(LATENCY_BUCKETS), "counts": h[:-1], "sum": round(h[-1], 6)}
                 for skill, h in self.latency.items()
@@ -1386,6 +1404,9 @@ class Scheduler:
             self._deliver_status(task.client, tid, task.attempt, Outcome.CANCELLED, "cancelled by an operator")
             return {"op": op, "ok": True, "message": f"cancelled task {arg}"}
         return {"op": op, "ok": False, "message": f"unknown operation {op!r} (drain, cancel)"}
+
+    def _event(self, text: str) -> None:
+        self.events.append((self._now, text))
 
     def _observe(self, skill: str, seconds: float) -> None:
         h = self.latency.get(skill)
