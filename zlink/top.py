@@ -83,8 +83,9 @@ class Top:
             )
             for n in nodes:
                 state = " (draining)" if n.get("draining") else ""
+                used = f"{min(n['busy'], n['slots'])}/{n['slots']}"
                 lines.append(
-                    f"{n['name']:<{w}}  {n.get('address', ''):<{aw}}  {str(min(n['busy'], n['slots'])) + '/' + str(n['slots']):>7}  "
+                    f"{n['name']:<{w}}  {n.get('address', ''):<{aw}}  {used:>7}  "
                     f"{_age(n['last_seen']):>5}  {self.node_rates.get(n['name'], 0.0):>8,.0f}  {n['done']:>9,}  "
                     f"{n['failed']:>6,}  {', '.join(n['skills'])}{state}"
                 )
