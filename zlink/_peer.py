@@ -229,6 +229,10 @@ class PeerLink(ABC):
             self._thread.join(timeout)
             self._closed.set()
             self._term()
+        for fut in list(self._sending.values()):  # messages the broker never confirmed
+            if not fut.done():
+                fut.set_exception(ClosedError(f"this {self.hat} was closed before the message was confirmed"))
+        self._sending.clear()
 
     @property
     def closed(self) -> bool:
