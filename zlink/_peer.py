@@ -178,6 +178,7 @@ class PeerLink(ABC):
         # agent messaging
         self._inbox: queue.Queue[Message | BaseException] = queue.Queue()
         self._sending: dict[bytes, cf.Future[None]] = {}
+        self._send_deadline: dict[bytes, float] = {}
         self._unsent: deque[tuple[str, str, bytes, bytes, float]] = deque()
         self._topics: set[str] = set()
         self._mids = itertools.count(1)
@@ -310,6 +311,8 @@ class PeerLink(ABC):
         mid = next(self._mids).to_bytes(8, "big") + os.urandom(4)
         fut: cf.Future[None] = cf.Future()
         self._sending[mid] = fut
+        # no answer at all (e.g. the broker restarted and lost it): give up after the TTL and a margin
+        self._send_deadline[mid] = time.monotonic() + ttl + 30.0
 
         def go() -> None:
             if self.welcome is None:
@@ -350,7 +353,15 @@ class PeerLink(ABC):
             return
         self._inbox.put(Message(msg.sender, body, msg.topic, msg.mid.hex()))
 
+    def _expire_sends(self, now: float) -> None:
+        for mid in [m for m, t in self._send_deadline.items() if t <= now]:
+            del self._send_deadline[mid]
+            fut = self._sending.pop(mid, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(Undeliverable("the broker never confirmed this message (did it restart?)"))
+
     def _on_sent(self, msg: P.Sent) -> None:
+        self._send_deadline.pop(msg.mid, None)
         fut = self._sending.pop(msg.mid, None)
         if fut is None or fut.done():
             return
@@ -474,6 +485,8 @@ class PeerLink(ABC):
                 if now >= next_tick:
                     next_tick = now + self.tick_interval
                     self._check_link(now)
+                    if self._send_deadline:
+                        self._expire_sends(now)
                     self.on_tick(now)
         except Exception:  # pragma: no cover - a bug: surface it rather than hang callers
             log.exception("zlink %s I/O thread crashed", self.hat)
