@@ -308,6 +308,10 @@ class PeerLink(ABC):
         if self.closed:
             raise ClosedError(f"this {self.hat} is closed")
         plain = P.pack_value(message)
+        if len(plain) > self.max_message_size - 4096:
+            raise Undeliverable(
+                f"the message is {len(plain)} bytes; the broker accepts at most {self.max_message_size} per message"
+            )
         mid = next(self._mids).to_bytes(8, "big") + os.urandom(4)
         fut: cf.Future[None] = cf.Future()
         self._sending[mid] = fut

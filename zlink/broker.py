@@ -366,7 +366,12 @@ class Broker:
             zap.send_multipart(reply)
 
     def _send(self, router: zmq.Socket[Any], actions: list[Send]) -> None:
+        undelivered: set[bytes] = set()  # direct messages whose recipient's connection is gone
         for act in actions:
+            msg = act.msg
+            if undelivered and type(msg) is P.Sent and msg.ok and msg.mid in undelivered:
+                # the scheduler confirmed it before the send failed: tell the truth instead
+                act = Send(act.route, P.Sent(mid=msg.mid, ok=False, reason="undeliverable: the recipient disconnected"))
             header = P.encode(act.msg)
             try:
                 if act.frames:
@@ -375,6 +380,8 @@ class Broker:
                     router.send_multipart([act.route, header], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                    if type(msg) is P.Deliver and not msg.topic:
+                        undelivered.add(msg.mid)
                     assert self.sched is not None
                     more = self.sched.handle(PeerGone(act.route), time.monotonic())
                     if more:

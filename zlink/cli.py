@@ -20,7 +20,16 @@ import click
 
 from . import __version__
 from . import protocol as P
-from .errors import AuthenticationError, ConfigError, ConnectError, ProtocolError, RejectedError, TaskError, ZlinkError
+from .errors import (
+    AuthenticationError,
+    ConfigError,
+    ConnectError,
+    LoopGuarded,
+    ProtocolError,
+    RejectedError,
+    TaskError,
+    ZlinkError,
+)
 from .security import ROLE_NAMES, BrokerHome, KeyPair, check_name, default_host, generate_keypair, read_cert, write_cert
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -799,6 +808,8 @@ def _message_text(text: str) -> Any:
     """A message from the command line: '-' reads stdin; JSON is sent as its value, anything else as text."""
     if text == "-":
         text = sys.stdin.read()
+        if text.endswith("\n"):
+            text = text[:-1]  # the newline that ends the input, as echo and heredocs add
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -875,7 +886,10 @@ def listen(
                 try:
                     msg = c.receive(timeout)
                 except TimeoutError:
-                    raise ConfigError(f"no message within {timeout:g} s") from None
+                    _fail(f"no message within {timeout:g} s", EXIT_TASK)
+                except LoopGuarded as exc:  # one of this peer's conversations paused: say so, go on
+                    click.echo(f"zlink: {exc}", err=True)
+                    continue
                 _print_message(msg, as_json)
                 if once:
                     return
@@ -916,7 +930,11 @@ def subscribe(
         with _messenger(join, seal_key, connect_timeout) as c:
             c.subscribe(*topics)
             while True:
-                msg = c.receive()
+                try:
+                    msg = c.receive()
+                except LoopGuarded as exc:
+                    click.echo(f"zlink: {exc}", err=True)
+                    continue
                 if msg.topic:
                     _print_message(msg, as_json)
                     if once:

@@ -279,10 +279,8 @@ class Client(PeerLink):
         them through ``future.questions()``, or pass ``on_question``, a function
         of the question's value returning the answer (run on its own thread).
         """
-        fut = self._submit(skill, args, kwargs, timeout, max_attempts, reads, writes, None)
-        if on_question is not None:
-            fut._on_question = _answering_thread(on_question)
-        return fut
+        handler = _answering_thread(on_question) if on_question is not None else None
+        return self._submit(skill, args, kwargs, timeout, max_attempts, reads, writes, None, handler)
 
     def stream(
         self,
@@ -307,8 +305,10 @@ class Client(PeerLink):
         Iteration ends when the task does; it raises the task's error if it failed.
         """
         stream = TaskStream()
-        stream.future = self._submit(skill, args, kwargs, timeout, max_attempts, reads, writes, stream._put)
-        stream.future._on_question = stream._put  # questions come in the stream, among the partials
+        # questions come in the stream, among the partials
+        stream.future = self._submit(
+            skill, args, kwargs, timeout, max_attempts, reads, writes, stream._put, stream._put
+        )
         stream.future.add_done_callback(stream._end)
         return stream
 
@@ -322,9 +322,12 @@ class Client(PeerLink):
         reads: Iterable[str],
         writes: Iterable[str],
         on_partial: Callable[[Any], None] | None,
+        on_question: Callable[[Question], None] | None = None,
     ) -> TaskFuture:
         payload = P.pack_value([args, kwargs] if kwargs else [args])
-        return self._enqueue(skill, payload, timeout, max_attempts, tuple(reads), tuple(writes), on_partial)
+        return self._enqueue(
+            skill, payload, timeout, max_attempts, tuple(reads), tuple(writes), on_partial, on_question=on_question
+        )
 
     def _enqueue(
         self,
@@ -336,6 +339,7 @@ class Client(PeerLink):
         writes: tuple[str, ...] = (),
         on_partial: Callable[[Any], None] | None = None,
         *,
+        on_question: Callable[[Question], None] | None = None,
         wait: bool = True,
     ) -> TaskFuture:
         """Queue one task with an encoded payload (``wait=False``: the caller waited for room)."""
@@ -359,6 +363,7 @@ class Client(PeerLink):
         spec = P.TaskSpec(tid, skill, timeout, max_attempts, reads, writes)
         fut = TaskFuture(self, tid, skill)
         fut._on_partial = on_partial
+        fut._on_question = on_question  # set before the task can reach a node: no question is missed
         if self.max_tasks or self.max_rate:
             if wait:
                 self.wait_room()

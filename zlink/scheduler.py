@@ -833,11 +833,16 @@ class Scheduler:
     def _expire_mail(self, now: float) -> None:
         for name in list(self.mailbox):
             box = self.mailbox[name]
-            while box and box[0][4] <= now:
-                _, session, mid, payload, _ = box.popleft()
-                self.held_bytes -= len(payload)
-                self.counters["undeliverable"] += 1
-                self._sent_to_session(session, mid, False, f"undeliverable: {name!r} did not connect in time")
+            if any(m[4] <= now for m in box):  # TTLs differ: any message may be due, not only the first
+                keep: deque[tuple[str, bytes, bytes, Any, float]] = deque()
+                for m in box:
+                    if m[4] > now:
+                        keep.append(m)
+                        continue
+                    self.held_bytes -= len(m[3])
+                    self.counters["undeliverable"] += 1
+                    self._sent_to_session(m[1], m[2], False, f"undeliverable: {name!r} did not connect in time")
+                box = self.mailbox[name] = keep
             if not box:
                 del self.mailbox[name]
 
@@ -876,11 +881,11 @@ class Scheduler:
             if len(self.convos) >= MAX_CONVERSATIONS:
                 self._forget_quiet_conversations(now)
             st = self.convos[pair] = [0.0, now, max(1.0, rate), now, 0.0, -1.0]
+        if now < st[4]:  # paused: neither side gets through
+            return f"loop-guard: the conversation between {a!r} and {b!r} is paused for {st[4] - now:.0f} s more"
         direction = 0.0 if a == pair[0] else 1.0
         if direction == st[5]:
             return ""  # the same side again: not a new turn
-        if now < st[4]:
-            return f"loop-guard: the conversation between {a!r} and {b!r} is paused for {st[4] - now:.0f} s more"
         if now - st[1] >= cfg.conversation_window:
             st[0], st[1] = 0.0, now
         if rate > 0:
@@ -999,7 +1004,9 @@ class Scheduler:
     def _on_gone(self, route: bytes) -> None:
         self.counters["undeliverable"] += 1
         peer = self.peers.get(route)
-        if type(peer) is Node:
+        if peer is not None:
+            # a node's tasks go elsewhere; a client keeps its tasks (it may come back with
+            # its session) but stops receiving its name's messages until it does
             self._drop_peer(peer, "gone")
 
     def _on_revoked(self, key: str) -> None:
