@@ -282,6 +282,10 @@ class Broker:
                         continue
                     try:
                         msg = decode(header.buffer, len(frames) - 2)
+                    except RecursionError:  # belt and braces: decode maps what it knows
+                        sched.count_error("malformed")
+                        self._send(router, [Send(route, P.Error(code="malformed", message="header nested too deeply"))])
+                        continue
                     except RemoteProtocolError as exc:
                         sched.count_error(exc.code)
                         self._send(router, [Send(route, P.Error(code=exc.code, message=str(exc)[:500]))])
@@ -300,6 +304,9 @@ class Broker:
                         break
                     try:
                         beat = decode(frame.buffer, 0)
+                    except RecursionError:
+                        sched.count_error("heartbeat-malformed")
+                        continue
                     except RemoteProtocolError as exc:
                         sched.count_error(f"heartbeat-{exc.code}")
                         continue

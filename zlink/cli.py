@@ -172,8 +172,23 @@ def _load_config(ctx: click.Context, _param: click.Parameter, path: str | None) 
     if unknown or len(tables) != len(data):
         commands = ", ".join(sorted(main.commands))
         _fail(f"{path}: expected one [table] per command ({commands}); got {unknown or list(data)}", EXIT_CONFIG)
-    # TOML uses the options' names with dashes or underscores
-    ctx.default_map = {cmd: {k.replace("-", "_"): v for k, v in opts.items()} for cmd, opts in tables.items()}
+    # TOML uses the options' own names (--nodes -> nodes), with dashes or underscores
+    defaults: dict[str, dict[str, Any]] = {}
+    for cmd, opts in tables.items():
+        names: dict[str, str] = {}
+        for param in main.commands[cmd].params:
+            if isinstance(param, click.Option) and param.name:
+                for opt in param.opts:
+                    names[opt.lstrip("-").replace("-", "_")] = param.name
+                names.setdefault(param.name, param.name)
+        table: dict[str, Any] = {}
+        for key, value in opts.items():
+            name = names.get(key.replace("-", "_"))
+            if name is None:
+                _fail(f"{path}: [{cmd}] has no option {key!r} (see 'zlink {cmd} --help')", EXIT_CONFIG)
+            table[name] = value
+        defaults[cmd] = table
+    ctx.default_map = defaults
 
 
 @click.group(
@@ -280,7 +295,12 @@ def broker(
     signal.signal(signal.SIGTERM, on_signal)
     b: Broker = _run_guarded(make)
     _run_guarded(b.start)
-    if not quiet:
+    if log_format == "json":  # the banner as log lines too: stderr stays one JSON object per line
+        logging.getLogger("zlink.broker").info(
+            "broker public key %s, home %s (%d allowed keys)%s", b.keys.public, b.home.path,
+            len(b.allowed.by_key), ", keys created" if b.created_keys else "",
+        )  # fmt: skip
+    elif not quiet:
         allowed = len(b.allowed.by_key)
         if b.created_keys:
             click.echo(f"created broker keys in {b.home.path}", err=True)
@@ -472,7 +492,13 @@ def node(
             join, slots=slots, prefetch=prefetch, name=name,
             heartbeat_interval=heartbeat_interval, liveness=liveness, seal_key=seal_key,
         )  # fmt: skip
-        if log_level != "error":
+        if log_format == "json":
+            node_log = logging.getLogger("zlink.node")
+            if n.seal_key is None:
+                node_log.warning("payloads are NOT sealed end to end: the broker host can read them")
+            else:
+                node_log.info("payloads sealed end to end (seal key id %s)", n.seal_key.key_id)
+        elif log_level != "error":
             _seal_notice(n, "node")
         n.add_skills(*skills)
         n.run()
@@ -683,6 +709,23 @@ def top(join: str | None, interval: float, once: bool, connect_timeout: float) -
 # --------------------------------------------------------------------------- doctor
 
 
+def _doctor_peer(join: Any, timeout: float, key: Any) -> Any:
+    """A peer to test the connection with: a client, or for a node-only key a probe node
+    serving one skill nobody calls (it registers briefly and leaves with BYE)."""
+    from .client import Client
+    from .node import Node
+
+    if join.role != "node":
+        return Client(join, connect_timeout=timeout, seal_key=key)
+    probe = Node(join, slots=1, prefetch=0, connect_timeout=timeout, seal_key=key, name=f"{join.name or 'node'}-doctor")
+
+    @probe.skill("zlink.doctor.probe")
+    def _probe() -> None:
+        return None
+
+    return probe  # started by the caller's "with"
+
+
 @main.command()
 @join_option
 @seal_key_option
@@ -744,7 +787,7 @@ def doctor(join: str | None, seal_key: str | None, timeout: float) -> None:
         bad(f"seal key: {exc}", "fix or remove --seal-key / $ZLINK_SEAL_KEY")
         key = None
     try:
-        with Client(j, connect_timeout=timeout, seal_key=key) as c:
+        with _doctor_peer(j, timeout, key) as c:
             w = c.welcome
             assert w is not None
             ok(f"CurveZMQ handshake: the broker accepted key {w.key_name!r}")
@@ -776,7 +819,7 @@ def doctor(join: str | None, seal_key: str | None, timeout: float) -> None:
                 )
             else:
                 ok(f"payloads sealed with seal key {key.key_id}")
-                if w.role != "node":
+                if isinstance(c, Client):
                     try:
                         st = c.status(timeout)
                         ids = [i for i in st.get("seal_keys", []) if i]

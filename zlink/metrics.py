@@ -22,6 +22,12 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _num(value: float) -> str:
+    """Every digit: counts as integers, other values as Python's shortest exact float."""
+    v = float(value)
+    return str(int(v)) if v.is_integer() and abs(v) < 2**63 else repr(v)
+
+
 def render(st: dict[str, Any]) -> str:
     """The status snapshot as Prometheus text format 0.0.4."""
     out: list[str] = []
@@ -30,7 +36,7 @@ def render(st: dict[str, Any]) -> str:
         out.append(f"# HELP {name} {help_}")
         out.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
-            out.append(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}")
+            out.append(f"{name}{labels} {_num(value)}")
 
     nodes = st.get("nodes", [])
     metric("zlink_up", "gauge", "1 while the broker runs.", [("", 1)])
@@ -67,11 +73,11 @@ def render(st: dict[str, Any]) -> str:
         running = 0.0
         for le, count in zip(h["le"], h["counts"], strict=False):
             running += count
-            out.append(f'zlink_task_seconds_bucket{{skill="{lab}",le="{le:g}"}} {running:g}')
+            out.append(f'zlink_task_seconds_bucket{{skill="{lab}",le="{le:g}"}} {_num(running)}')
         total = running + h["counts"][-1] if len(h["counts"]) > len(h["le"]) else running
-        out.append(f'zlink_task_seconds_bucket{{skill="{lab}",le="+Inf"}} {total:g}')
-        out.append(f'zlink_task_seconds_sum{{skill="{lab}"}} {h["sum"]:g}')
-        out.append(f'zlink_task_seconds_count{{skill="{lab}"}} {total:g}')
+        out.append(f'zlink_task_seconds_bucket{{skill="{lab}",le="+Inf"}} {_num(total)}')
+        out.append(f'zlink_task_seconds_sum{{skill="{lab}"}} {_num(h["sum"])}')
+        out.append(f'zlink_task_seconds_count{{skill="{lab}"}} {_num(total)}')
     return "\n".join(out) + "\n"
 
 

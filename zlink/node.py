@@ -300,6 +300,12 @@ def _error_value(exc: BaseException, node: str) -> list[str]:
     return [type_name, str(exc)[:10_000], tb[-20_000:], node]
 
 
+def _quiet_loop_errors(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Asyncio's unhandled errors (e.g. a cancelled skill raising), logged by type only (zero-log)."""
+    exc = context.get("exception")
+    log.warning("async skill error not retrieved: %s", type(exc).__name__ if exc is not None else "unknown")
+
+
 def _as_task_error(exc: BaseException) -> BaseException:
     """A skill that raises KeyboardInterrupt or SystemExit fails its task; it does not stop the node."""
     if isinstance(exc, KeyboardInterrupt | SystemExit):
@@ -435,6 +441,8 @@ class Node(PeerLink):
             self._workers.append(t)
         if any(s.is_async for s in self.skills.values()):
             self._loop = asyncio.new_event_loop()
+            # asyncio's default handler prints the exception's message, which may hold task data
+            self._loop.set_exception_handler(_quiet_loop_errors)
             self._loop_thread = threading.Thread(target=self._loop.run_forever, name="zlink-async", daemon=True)
             self._loop_thread.start()
         try:

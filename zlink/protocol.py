@@ -718,14 +718,17 @@ def decode(data: bytes | memoryview, frames: int = 0) -> Message:
         raise RemoteProtocolError("header is not a msgpack map", code="malformed")
     version = header.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
+        # only a scalar is quoted back: repr() of a deeply nested value recurses without end
+        shown = repr(version)[:40] if type(version) in (int, float, str, bool, type(None)) else type(version).__name__
         raise RemoteProtocolError(
-            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})",
+            f"protocol version {shown} is not supported (this side speaks {PROTOCOL_VERSION})",
             code="bad-version",
         )
     command = header.get("c")
     cls = COMMANDS.get(command) if type(command) is str else None
     if cls is None:
-        raise RemoteProtocolError(f"unknown command {str(command)[:40]!r}", code="unknown-command")
+        shown = repr(command[:40]) if type(command) is str else type(command).__name__
+        raise RemoteProtocolError(f"unknown command {shown}", code="unknown-command")
     kwargs: dict[str, Any] = {}
     for name, check in cls.SCHEMA:
         if name in header:
@@ -733,6 +736,8 @@ def decode(data: bytes | memoryview, frames: int = 0) -> Message:
                 kwargs[name] = check(header[name])
             except RemoteProtocolError as exc:
                 raise RemoteProtocolError(f"{command}.{name}: {exc}", code="bad-field") from None
+            except RecursionError:
+                raise RemoteProtocolError(f"{command}.{name}: nested too deeply", code="bad-field") from None
         elif name not in _DEFAULTS[cls]:
             raise RemoteProtocolError(f"{command} lacks field {name!r}", code="bad-field")
     msg = cls(**kwargs)

@@ -248,6 +248,7 @@ class Task:
         "payload",
         "questions",
         "reads",
+        "resubmitted",
         "skill",
         "state",
         "tid",
@@ -262,6 +263,7 @@ class Task:
         self.created = 0.0  # when it was submitted (scheduler clock)
         self.payload = payload
         self.attempt = 0
+        self.resubmitted = False  # submitted again by its client (e.g. to a restarted broker)
         self.questions = 0
         self.deaths = 0
         self.max_attempts = spec.max_attempts
@@ -325,6 +327,7 @@ class Scheduler:
         #: submit-to-result time of the tasks nodes answered
         self.latency: dict[str, list[float]] = {}
         self._client_sweep = 0.0  # next look for silent clients
+        self._name_next: dict[str, int] = {}  # name -> next suffix to try (see _unique_name)
         #: agent messaging: key name -> the session that receives that name's messages
         self.inbox_of: dict[str, Peer] = {}
         #: name -> messages held for it while it is not connected: (sender, sender session, mid, payload, expiry)
@@ -546,13 +549,20 @@ class Scheduler:
             if node.inflight.get(tid) == attempt:
                 continue
             task = self.tasks.get(tid)
-            if task is not None and task.state == QUEUED and tid not in node.inflight:
-                # resubmitted before the node came back: attach it to the running attempt
+            if (
+                task is not None and task.state == QUEUED and tid not in node.inflight
+                and task.resubmitted and task.skill in node.skills
+            ):  # fmt: skip
+                # resubmitted (after a broker restart) before the node came back: attach it to the
+                # running attempt. Only such tasks, of a skill the node offers: a node cannot claim
+                # a task a client just submitted by naming it in HELLO
                 task.state = RUNNING
                 task.node = node
                 task.attempt = attempt
                 task.tried.add(node.session)
                 node.inflight[tid] = attempt
+                if (task.reads or task.writes) and not task.holds:
+                    self._take_keys(task)  # it runs already: it holds its keys
             elif task is None and tid not in node.inflight:
                 node.inflight[tid] = attempt
                 self.adopted[tid] = (node, attempt)
@@ -585,9 +595,16 @@ class Scheduler:
         holder = self.names.get(name)
         if holder is None or holder == session or not self._session_alive(holder):
             return name
-        i = 2
-        while self.names.get(f"{name}-{i}") not in (None, session):
+        # continue from the last suffix handed out for this name: a flood of sessions of one
+        # key costs linear work, not a scan from -2 every time
+        i = self._name_next.get(name, 2)
+        while True:
+            holder = self.names.get(f"{name}-{i}")
+            if holder is None or holder == session or not self._session_alive(holder):
+                break
             i += 1
+        if len(self._name_next) < 100_000:
+            self._name_next[name] = i + 1
         return f"{name}-{i}"
 
     def _session_alive(self, session: bytes) -> bool:
@@ -633,7 +650,7 @@ class Scheduler:
                     rejected.append((tid, f"rate limit: at most {rate:g} new tasks per second per key"))
                     continue
                 bucket[0] -= 1.0
-            if self.orphans and tid in self.orphans:
+            if self.orphans and msg.resubmit and tid in self.orphans:
                 # finished on a node while we (a restarted broker) did not know it yet
                 status, result, _, attempt = self.orphans.pop(tid)
                 self.counters["done" if status == Outcome.OK else "failed"] += 1
@@ -649,9 +666,10 @@ class Scheduler:
             client.tasks.add(tid)
             held += 1
             self.counters["submitted"] += 1
-            if self.adopted and tid in self.adopted:
+            task.resubmitted = msg.resubmit
+            if self.adopted and tid in self.adopted and msg.resubmit:
                 node, attempt = self.adopted.pop(tid)
-                if node.alive and node.inflight.get(tid) == attempt:
+                if node.alive and node.inflight.get(tid) == attempt and spec.skill in node.skills:
                     task.state = RUNNING
                     task.node = node
                     task.attempt = attempt

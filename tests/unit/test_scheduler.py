@@ -149,12 +149,12 @@ class Sim:
 
     def submit(
         self, route: bytes, n: int = 1, *, skill: str = "echo", timeout: float | None = None, max_attempts: int = 3,
-        tids: list[bytes] | None = None, now: float | None = None,
+        tids: list[bytes] | None = None, now: float | None = None, resubmit: bool = False,
     ) -> tuple[Out, list[bytes], list[Payload]]:  # fmt: skip
         tids = tids if tids is not None else [b"t%d" % next(self._tids) for _ in range(n)]
         payloads = [Payload(f"job-{tid.decode()}") for tid in tids]
         specs = tuple(P.TaskSpec(tid, skill, timeout, max_attempts) for tid in tids)
-        out = self.send(route, P.Submit(tasks=specs), list(payloads), now)
+        out = self.send(route, P.Submit(tasks=specs, resubmit=resubmit), list(payloads), now)
         return out, tids, payloads
 
     def cancel(self, route: bytes, *tids: bytes, now: float | None = None) -> Out:
@@ -736,8 +736,9 @@ def test_peer_gone_for_a_client_keeps_its_tasks() -> None:
     _, (tid,), _ = sim.submit(b"c1")
     sim(PeerGone(b"c1"))
     assert sim.s.counters["undeliverable"] == 1
-    assert tid in sim.s.tasks
-    assert b"c1" in sim.s.peers
+    assert tid in sim.s.tasks  # kept: the client may come back with its session and resubmit
+    assert b"c1" not in sim.s.peers  # the connection is gone
+    assert any(c.route == b"c1" for c in sim.s.clients.values())
 
 
 def test_node_bye_requeues_its_tasks_at_the_head() -> None:
@@ -1565,7 +1566,7 @@ def test_restarted_broker_adopts_a_running_task_when_its_client_resubmits() -> N
     sim.node(b"n1", running=((b"T", 2),))  # the node kept running T through the restart
     assert sim.s.adopted[b"T"][1] == 2
     sim.client(b"c1")
-    out, _, _ = sim.submit(b"c1", tids=[b"T"])
+    out, _, _ = sim.submit(b"c1", tids=[b"T"], resubmit=True)
     assert out.dispatched(b"n1") == [], "the running attempt is adopted, not started twice"
     out = sim.result(b"n1", b"T", 2, frame=Payload("answer"))
     assert [(i.tid, i.status) for i, _ in out.results(b"c1")] == [(b"T", Outcome.OK)]
@@ -1580,7 +1581,7 @@ def test_result_that_arrives_before_the_resubmission_waits_as_an_orphan() -> Non
     assert acked(sim, out, b"n1") == [b"T"]  # the broker holds it now
     assert b"T" in sim.s.orphans
     sim.client(b"c1")
-    out, _, _ = sim.submit(b"c1", tids=[b"T"])
+    out, _, _ = sim.submit(b"c1", tids=[b"T"], resubmit=True)
     assert out.dispatched(b"n1") == []
     ((item, frame),) = out.results(b"c1")
     assert item.status == Outcome.OK and frame is answer
@@ -1601,7 +1602,7 @@ def test_orphans_expire() -> None:
 def test_resubmission_before_the_node_returns_is_attached_when_it_does() -> None:
     sim = Sim()
     sim.client(b"c1")
-    sim.submit(b"c1", tids=[b"T"])  # no node yet: queued
+    sim.submit(b"c1", tids=[b"T"], resubmit=True)  # no node yet: queued
     out = sim.node(b"n1", running=((b"T", 4),))
     assert out.dispatched(b"n1") == [], "the node already runs it"
     out = sim.result(b"n1", b"T", 4)
