@@ -572,6 +572,14 @@ def submit(
 @click.option("--connect-timeout", type=float, default=10.0, show_default=True)
 def status(join: str | None, as_json: bool, connect_timeout: float) -> None:
     """Show nodes, queued tasks and counters."""
+    st = _fetch_status(join, connect_timeout)
+    if as_json:
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    click.echo(render_status(st))
+
+
+def _fetch_status(join: str | None, connect_timeout: float) -> dict[str, Any]:
     from .client import Client
 
     def run() -> dict[str, Any]:
@@ -579,10 +587,7 @@ def status(join: str | None, as_json: bool, connect_timeout: float) -> None:
             return c.status()
 
     st: dict[str, Any] = _run_guarded(run)
-    if as_json:
-        click.echo(json.dumps(st, indent=2, sort_keys=True))
-        return
-    click.echo(render_status(st))
+    return st
 
 
 def render_status(st: dict[str, Any]) -> str:
@@ -661,13 +666,7 @@ def cancel(join: str | None, task_id: str, connect_timeout: float) -> None:
 @click.option("--connect-timeout", type=float, default=10.0, show_default=True)
 def nodes(join: str | None, as_json: bool, connect_timeout: float) -> None:
     """List the connected nodes: name, slots busy/total, heartbeat age, done, failed, seal key, skills."""
-    from .client import Client
-
-    def run() -> dict[str, Any]:
-        with Client(join, connect_timeout=connect_timeout) as c:
-            return c.status()
-
-    st: dict[str, Any] = _run_guarded(run)
+    st = _fetch_status(join, connect_timeout)
     if as_json:
         click.echo(json.dumps(st["nodes"], indent=2, sort_keys=True))
         return
