@@ -690,7 +690,7 @@ def top(join: str | None, interval: float, once: bool, connect_timeout: float) -
         _fail("--interval must be more than 0", EXIT_CONFIG)
 
     def run() -> None:
-        dash = Top()
+        dash = Top(window=max(10, int(60 / interval)), interval=interval)
         with Client(join, connect_timeout=connect_timeout) as c:
             dash.update(c.status())
             while True:

@@ -32,8 +32,9 @@ def _age(seconds: float) -> str:
 class Top:
     """The dashboard's state: feed it status snapshots with :meth:`update`, draw with :meth:`render`."""
 
-    def __init__(self, window: int = 60) -> None:
+    def __init__(self, window: int = 60, interval: float = 1.0) -> None:
         self.window = window
+        self.interval = interval  # seconds between samples, for the sparkline's label
         self.rates: deque[float] = deque(maxlen=window)  # swarm tasks finished per second
         self._last: tuple[float, dict[str, Any]] | None = None
         self.node_rates: dict[str, float] = {}
@@ -68,7 +69,8 @@ class Top:
             f"zlink top  broker {st.get('epoch', '?')[:8]}  up {_age(float(st.get('uptime', 0)))}  "
             f"nodes {len(nodes)}  clients {st.get('clients', 0)}  slots {busy}/{slots} busy  "
             f"in flight {st.get('running', 0)}",
-            f"throughput {rate:,.0f} tasks/s   last {len(self.rates)} s: {sparkline(list(self.rates), self.window)}",
+            f"throughput {rate:,.0f} tasks/s   last {len(self.rates) * self.interval:.0f} s: "
+            f"{sparkline(list(self.rates), self.window)}",
             f"tasks: done {c.get('done', 0):,}  failed {c.get('failed', 0):,}  requeued {c.get('requeued', 0):,}  "
             f"lost {c.get('lost', 0):,}  timed out {c.get('timed_out', 0):,}  cancelled {c.get('cancelled', 0):,}  "
             f"nodes died {c.get('nodes_died', 0):,}",
