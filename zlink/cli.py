@@ -869,6 +869,25 @@ def _print_message(msg: Any, as_json: bool) -> None:
     sys.stdout.flush()
 
 
+def _print_incoming(
+    c: Any, *, as_json: bool, once: bool, timeout: float | None = None, topics_only: bool = False
+) -> None:
+    """Print messages as they arrive (listen, subscribe); a loop-guard notice is said and skipped."""
+    while True:
+        try:
+            msg = c.receive(timeout)
+        except TimeoutError:
+            _fail(f"no message within {timeout:g} s", EXIT_TASK)
+        except LoopGuarded as exc:  # one of this peer's conversations paused: say so, go on
+            click.echo(f"zlink: {exc}", err=True)
+            continue
+        if topics_only and not msg.topic:
+            continue
+        _print_message(msg, as_json)
+        if once:
+            return
+
+
 def _messenger(join: str | None, seal_key: str | None, connect_timeout: float) -> Any:
     from .client import Client
 
@@ -924,17 +943,7 @@ def listen(
         with _messenger(join, seal_key, connect_timeout) as c:
             if topics:
                 c.subscribe(*topics)
-            while True:
-                try:
-                    msg = c.receive(timeout)
-                except TimeoutError:
-                    _fail(f"no message within {timeout:g} s", EXIT_TASK)
-                except LoopGuarded as exc:  # one of this peer's conversations paused: say so, go on
-                    click.echo(f"zlink: {exc}", err=True)
-                    continue
-                _print_message(msg, as_json)
-                if once:
-                    return
+            _print_incoming(c, as_json=as_json, once=once, timeout=timeout)
 
     _listen_guarded(run)
 
@@ -971,16 +980,7 @@ def subscribe(
     def run() -> None:
         with _messenger(join, seal_key, connect_timeout) as c:
             c.subscribe(*topics)
-            while True:
-                try:
-                    msg = c.receive()
-                except LoopGuarded as exc:
-                    click.echo(f"zlink: {exc}", err=True)
-                    continue
-                if msg.topic:
-                    _print_message(msg, as_json)
-                    if once:
-                        return
+            _print_incoming(c, as_json=as_json, once=once, topics_only=True)
 
     _listen_guarded(run)
 

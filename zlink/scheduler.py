@@ -800,13 +800,8 @@ class Scheduler:
                 self._sent_to_session(sender_session, mid, True, "")
 
     def _close_inbox(self, peer: Peer) -> None:
-        for topic in peer.topics:
-            subs = self.topics.get(topic)
-            if subs is not None:
-                subs.discard(peer)
-                if not subs:
-                    del self.topics[topic]
-        peer.topics = set()
+        for topic in list(peer.topics):
+            self._unsubscribe(peer, topic)
         name = peer.identity.name
         if self.inbox_of.get(name) is peer:
             del self.inbox_of[name]
@@ -878,15 +873,18 @@ class Scheduler:
     def _on_subscribe(self, peer: Peer, msg: P.Subscribe) -> None:
         for topic in msg.topics:
             if msg.stop:
-                peer.topics.discard(topic)
-                subs = self.topics.get(topic)
-                if subs is not None:
-                    subs.discard(peer)
-                    if not subs:
-                        del self.topics[topic]
+                self._unsubscribe(peer, topic)
             elif len(peer.topics) < MAX_TOPICS_PER_PEER:
                 peer.topics.add(topic)
                 self.topics.setdefault(topic, set()).add(peer)
+
+    def _unsubscribe(self, peer: Peer, topic: str) -> None:
+        peer.topics.discard(topic)
+        subs = self.topics.get(topic)
+        if subs is not None:
+            subs.discard(peer)
+            if not subs:
+                del self.topics[topic]
 
     def _conversation(self, a: str, b: str) -> str:
         """Loop guard: "" if a message from ``a`` to ``b`` may pass, else why not (both are told)."""
