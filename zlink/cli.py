@@ -1062,5 +1062,23 @@ def demo(n_nodes: int, path: Path | None, limit: int | None, no_sequential: bool
     sys.exit(code)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Run the benchmark suite (scripts/bench.py; '--help' lists its options).
+
+    Needs a source checkout (pip install -e .); Ray, Dask and Celery are
+    compared when installed with pip install -e '.[bench]'.
+    """
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    if not script.is_file():
+        _fail("zlink bench runs scripts/bench.py from a source checkout; install with 'pip install -e .'", EXIT_CONFIG)
+    sys.argv = [str(script), *args]
+    sys.path.insert(0, str(script.parent))
+    runpy.run_path(str(script), run_name="__main__")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
