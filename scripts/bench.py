@@ -1,33 +1,29 @@
-"""Loopback benchmark: zlink versus a minimal raw CurveZMQ ROUTER/DEALER relay.
+"""Loopback benchmark: zlink against the raw ZeroMQ floor, Ray, Dask and Celery, in one run, one table.
 
-Both systems run as separate processes on 127.0.0.1 with CurveZMQ on every
-socket, with the same shape: one relay (the raw loop, or the zlink broker),
-W worker processes (raw DEALER echo workers, or ``zlink node`` processes running
-``scripts/bench_skills.py``) and one client in this process. The raw relay is
-the floor: routing ids only, round-robin to workers, no heartbeats, no
-bookkeeping. The ratio column says how far zlink is from that floor.
+Every system runs as separate processes on 127.0.0.1, one system up at a
+time, with the same shape: a middle process (the raw relay, the zlink broker,
+Ray's GCS/raylet, Dask's scheduler, Redis for Celery), W = 2 worker processes
+and one client. The raw relay is the floor: a CurveZMQ ROUTER/ROUTER loop
+that only routes by id, DEALER echo workers, no heartbeats, no bookkeeping.
+zlink runs with CurveZMQ and sealed payloads. The peers come from
+``scripts/bench_peers.py`` (installed with ``pip install -e '.[bench]'``);
+a peer that cannot run here is reported as skipped, with the reason.
 
-Two figures are zlink's alone, each on a swarm of its own started after the
-compared systems stopped, with absolute targets: failure detection (``kill -9``
-of a node running a long task to that task's re-dispatch, 20 times) and a
-broker's CPU and memory with 200 idle nodes (simulated cheaply in a few helper
-processes, each node with its own key and connections).
+Compared on every system: maps of 10,000 and 100,000 no-op tasks (one task
+per item; zlink also with its default adaptive batching), the single-task
+round trip p50 and p99, CPU per task, and (peers) the parallel speed-up of
+400 x 50 ms tasks on 32 slots. zlink alone, each on a swarm of its own:
+failure detection (``kill -9`` to re-dispatch), a broker's CPU and memory with
+200 idle nodes, broker memory per queued 100 B task, the memory of a lazy
+1,000,000-item map, and sealing's cost at 100 B to 1 MiB payloads.
 
-Three figures are about the parallel API (``client.map``): the speed-up of 400
-tasks of 50 ms each on 4 nodes x 8 slots against the ideal 0.625 s (a swarm of
-its own); a batched map of 100,000 no-op tasks against the raw relay's
-per-message throughput of the same run (the shared swarm); and the memory of a
-lazy map over a generator of 1,000,000 items: this process's and the broker's
-RSS growth (a swarm of its own).
-
-    python scripts/bench.py --quick               # smoke test, well under a minute
-    python scripts/bench.py                       # 10,000 tasks, 2,000 round trips, 20 kills, 10 s idle
-    python scripts/bench.py --only failure_detection,idle_broker
-    python scripts/bench.py --only parallel_speedup,batch_map,map_memory
+    python scripts/bench.py --quick               # smoke test, about a minute without peers
+    python scripts/bench.py --write-docs          # the full run; table into docs/benchmarks.md, chart into docs/img/
+    python scripts/bench.py --peers none --only map,round_trip
     python scripts/bench.py --repeat 3 --json /tmp/bench.json --markdown /tmp/bench.md
 
 Each measurement is one function returning a dict; the printed table is built
-from :data:`ROWS`, so a new figure is a new measurement plus a row or two.
+from :func:`make_rows`, so a new figure is a new measurement plus a row or two.
 Every wait is bounded in time and every process started is stopped on exit.
 """
 
@@ -50,7 +46,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,6 +58,7 @@ SKILLS_FILE = HERE / "bench_skills.py"
 PAYLOAD_SIZE = 20  # bytes of request body in the raw relay (a msgpack'd small int in zlink is smaller)
 HWM = 100_000  # same order as zlink's DEALER/ROUTER high-water marks
 STALL_S = 15.0  # no progress for this long fails a measurement
+PEER_NAMES = ("ray", "dask", "celery")  # the peers of scripts/bench_peers.py, in the order they run
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -1090,32 +1087,6 @@ def measure_parallel_speedup(cfg: Settings) -> dict[str, Any]:
     }
 
 
-def measure_batch_map(system: System, cfg: Settings) -> dict[str, float]:
-    """Batched ``client.map`` throughput, against the raw relay's per-message throughput.
-
-    On the raw relay: the throughput run's figures if it ran on this relay
-    (same run), otherwise that measurement now over as many requests as the
-    map has tasks (10,000 requests take 0.2 s: one burst of noise on a shared
-    machine moves such a short figure by 2x). On zlink (the shared swarm: 2
-    nodes, their default slots and prefetch): a warm-up, then
-    ``client.map("noop", range(cfg.batch_tasks), window=cfg.batch_window)``
-    consumed as the results come.
-    """
-    if isinstance(system, RawRelay):
-        if system.throughput is not None:
-            return {**system.throughput, "reused": 1.0}
-        own = replace(cfg, tasks=max(cfg.tasks, cfg.batch_tasks))
-        return {**measure_throughput(system, own), "reused": 0.0}
-    n, window = cfg.batch_tasks, cfg.batch_window
-    budget = max(cfg.budget, n / 2000)  # at least 2,000 tasks/s before the run counts as stuck
-    system.batched(max(cfg.warmup, min(n, 2 * window)), window, budget)
-    with system.cpu_meter() as cpu:
-        t0 = time.perf_counter()
-        system.batched(n, window, budget)
-        wall = time.perf_counter() - t0
-    return {"tasks_per_s": n / wall, "seconds": wall, "tasks": n, "window": window, **cpu.per_task_us(n)}
-
-
 class RssSampler:
     """Peak VmRSS of some processes, sampled every :data:`MEM_SAMPLE_S` in a thread.
 
@@ -1238,12 +1209,85 @@ def measure_map_memory(cfg: Settings) -> dict[str, Any]:
     }
 
 
+QUEUED_PAYLOAD = 100  # broker memory per queued task: bytes of each task's argument
+
+
+def measure_queued_memory(cfg: Settings) -> dict[str, Any]:
+    """Broker memory per queued task: ``cfg.queued_tasks`` sealed 100 B tasks that no node can take.
+
+    A broker of its own (sealed swarm, default limits) and no node: every task
+    submitted waits in the broker's queue for a node that offers its skill. The
+    broker's VmRSS is read after a warm-up of 1,000 queued tasks (so the
+    allocator's first arenas and the queue's structures exist) and again once
+    ``client.status()`` counts every task queued; per task = growth / tasks.
+    The tasks are cancelled (the broker's memory is then read once more, to
+    show how much it gives back).
+    """
+    import gc
+
+    from zlink import Client
+    from zlink.demo import LocalSwarm
+
+    n = cfg.queued_tasks
+    body = os.urandom(QUEUED_PAYLOAD)
+    swarm = LocalSwarm()
+    client: Any = None
+    futures: list[Any] = []
+
+    def wait_queued(count: int, deadline: float) -> None:
+        while sum(client.status()["queued"].values()) < count:
+            if time.monotonic() > deadline:
+                raise BenchError(f"queued memory: the broker did not queue {count:,} tasks in time")
+            time.sleep(0.1)
+
+    try:
+        swarm.start_broker(timeout=20.0)
+        assert swarm.broker is not None
+        client = Client(swarm.invite("client", "bench-queue-client"), connect_timeout=20.0)
+        deadline = time.monotonic() + max(cfg.budget, n / 2000)
+        futures = [client.submit("noop", body) for _ in range(1000)]
+        wait_queued(1000, deadline)
+        gc.collect()
+        time.sleep(0.5)
+        before = proc_rss_kib(swarm.broker.pid)
+        t0 = time.perf_counter()
+        futures += [client.submit("noop", body) for _ in range(n)]
+        wait_queued(1000 + n, deadline)
+        wall = time.perf_counter() - t0
+        time.sleep(0.5)
+        after = proc_rss_kib(swarm.broker.pid)
+        for f in futures:
+            f.cancel()
+        futures.clear()
+        with contextlib.suppress(BenchError):
+            wait_queued_zero = time.monotonic() + 30
+            while sum(client.status()["queued"].values()) > 0 and time.monotonic() < wait_queued_zero:
+                time.sleep(0.1)
+        released = proc_rss_kib(swarm.broker.pid)
+    finally:
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            swarm.close()
+    return {
+        "tasks": n,
+        "payload_bytes": QUEUED_PAYLOAD,
+        "bytes_per_task": (after - before) * 1024 / n,
+        "rss_mib_before": before / 1024,
+        "rss_mib_queued": after / 1024,
+        "rss_mib_cancelled": released / 1024,
+        "submit_tasks_per_s": n / wall,
+    }
+
+
 # =========================================================================== measurements
 
 
 @dataclass(frozen=True)
 class Settings:
-    tasks: int
+    tasks: int  # the smaller map (also the CPU-per-task figures)
+    big_tasks: int  # the larger map
     rtt: int
     warmup: int
     window: int
@@ -1252,20 +1296,24 @@ class Settings:
     prefetch: int | None  # None: zlink's default (at most 1024, adapted by the broker)
     repeat: int
     pick: str  # "best" or "median"
-    budget: float  # seconds per measurement run
+    budget: float  # seconds per measurement run (at least MIN_RATE tasks/s on the bigger runs)
     kills: int = 20  # failure detection: nodes killed with SIGKILL, one at a time
     idle_nodes: int = 200  # idle broker: simulated idle nodes
     idle_seconds: float = 10.0  # idle broker: CPU measured over this long (half that with no node)
     idle_procs: int = 4  # idle broker: helper processes the simulated nodes are spread over
     par_tasks: int = 400  # parallel speed-up: 50 ms tasks on 4 nodes x 8 slots
-    batch_tasks: int = 100_000  # batched map: no-op tasks through one client.map
-    batch_window: int = 10_000  # batched map: its window (tasks in flight)
+    batch_window: int = 10_000  # map with batching: its window (tasks in flight)
     mem_items: int = 1_000_000  # lazy map memory: items of the generator
+    queued_tasks: int = 100_000  # broker memory per queued task
     seal_scale: float = 1.0  # sealing cost: fraction of SEAL_TASKS run per payload size
+    peers: tuple[str, ...] = PEER_NAMES  # peers compared (each skipped, with the reason, if it cannot run here)
     only: tuple[str, ...] = ()  # measurements to run (empty: all)
 
     def runs(self, measurement: str) -> bool:
         return not self.only or measurement in self.only
+
+    def map_sizes(self) -> tuple[int, ...]:
+        return tuple(sorted({self.tasks, self.big_tasks}))
 
 
 #: sealing cost: payload size (bytes) -> tasks per run (the arguments travel there and back)
@@ -1312,153 +1360,238 @@ def measure_sealing(cfg: Settings) -> dict[str, Any]:
     return out
 
 
-def measure_throughput(system: System, cfg: Settings) -> dict[str, float]:
-    """Pipelined tasks/s: ``cfg.tasks`` tiny requests, at most ``cfg.window`` in flight."""
-    system.pipelined(cfg.warmup, cfg.window, cfg.budget)
+MIN_RATE = 250  # tasks/s below which a map run counts as stuck (Celery runs at ~600/s here)
+
+
+def _timed(system: Any, run: Callable[[], None]) -> tuple[float, Any]:
+    """Wall seconds of ``run()`` and the system's CPU meter over it (``per_task_us(n)``)."""
     with system.cpu_meter() as cpu:
         t0 = time.perf_counter()
-        system.pipelined(cfg.tasks, cfg.window, cfg.budget)
+        run()
         wall = time.perf_counter() - t0
-    result = {"tasks_per_s": cfg.tasks / wall, "seconds": wall, "tasks": cfg.tasks, **cpu.per_task_us(cfg.tasks)}
-    system.throughput = result
-    return result
+    return wall, cpu
 
 
-def measure_round_trip(system: System, cfg: Settings) -> dict[str, float]:
+def measure_map(system: Any, cfg: Settings) -> dict[str, float]:
+    """No-op throughput of a map of each of ``cfg.map_sizes()`` tasks, after a warm-up.
+
+    Every system: one task per item (``pipelined``: at most ``cfg.window`` in
+    flight), the raw relay's requests, each peer's own best way of mapping (see
+    bench_peers.py), zlink's ``client.map(..., batch=1)``. zlink also runs its
+    default ``client.map`` (adaptive batching, window ``cfg.batch_window``),
+    consumed and checked as results come. CPU per task: the smaller map.
+    """
+    out: dict[str, float] = {}
+    for n in cfg.map_sizes():
+        budget = max(cfg.budget, n / MIN_RATE)
+        system.pipelined(cfg.warmup, cfg.window, budget)
+        wall, cpu = _timed(system, lambda n=n, b=budget: system.pipelined(n, cfg.window, b))
+        out[f"tps_{n}"] = n / wall
+        if n == cfg.tasks:
+            out.update(cpu.per_task_us(n))
+        if isinstance(system, ZlinkSwarm):
+            system.batched(max(cfg.warmup, min(n, 2 * cfg.batch_window)), cfg.batch_window, budget)
+            wall, cpu = _timed(system, lambda n=n, b=budget: system.batched(n, cfg.batch_window, b))
+            out[f"batched_tps_{n}"] = n / wall
+            if n == cfg.big_tasks:
+                out.update({f"batched_{k}": v for k, v in cpu.per_task_us(n).items()})
+    system.throughput = {"tasks_per_s": out[f"tps_{cfg.tasks}"]}
+    return out
+
+
+def measure_round_trip(system: Any, cfg: Settings) -> dict[str, float]:
     """Sequential single-request latency (one in flight)."""
     system.round_trips(max(20, cfg.warmup // 5), cfg.budget)
     return latency_summary(system.round_trips(cfg.rtt, cfg.budget))
 
 
-#: measurement name -> function(system, settings) -> figures
-MEASUREMENTS: dict[str, Callable[[System, Settings], dict[str, float]]] = {
-    "throughput": measure_throughput,
+def measure_peer_parallel(system: Any, cfg: Settings) -> dict[str, Any]:
+    """A peer's parallel speed-up: ``cfg.par_tasks`` x 50 ms on its 2 workers x 16 (32 at once, as zlink's 4x8)."""
+    result: dict[str, Any] = system.parallel_speedup(cfg.par_tasks, PAR_WAIT_S, cfg.budget)
+    return result
+
+
+#: measurement name -> function(system, settings) -> figures, run on each system of MEASURED_ON
+MEASUREMENTS: dict[str, Callable[[Any, Settings], dict[str, Any]]] = {
+    "map": measure_map,
     "round_trip": measure_round_trip,
-    "batch_map": measure_batch_map,
 }
 #: zlink-only measurements that start and stop their own processes: function(settings) -> figures.
-#: They run after the compared systems in each repeat (with neither up) and fill the zlink column.
+#: They run after the compared systems in each repeat (with none of them up) and fill the zlink column.
 SOLO_MEASUREMENTS: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "failure_detection": measure_failure_detection,
     "idle_broker": measure_idle_broker,
+    "queued_memory": measure_queued_memory,
     "parallel_speedup": measure_parallel_speedup,
     "map_memory": measure_map_memory,
     "sealing": measure_sealing,
 }
-#: the systems compared, in the order they run; each is a context manager that starts and stops its processes
-SYSTEMS: dict[str, Callable[[Settings], System]] = {
-    "raw": lambda cfg: RawRelay(cfg.workers),
-    "zlink": lambda cfg: ZlinkSwarm(cfg.workers, cfg.slots, cfg.prefetch),
+#: measurements a peer runs on itself, filling its column of a zlink-only measurement
+PEER_MEASUREMENTS: dict[str, Callable[[Any, Settings], dict[str, Any]]] = {
+    "parallel_speedup": measure_peer_parallel,
 }
 #: figures echoed on stderr as each run finishes
 BRIEF_KEYS = (
-    "tasks_per_s", "p50_ms", "p99_ms", "median_s", "max_s", "cpu_pct", "kib_per_node",
+    "tasks_per_s", "p50_ms", "p99_ms", "median_s", "max_s", "cpu_pct", "kib_per_node", "bytes_per_task",
     "wall_s", "ratio", "client_growth_mb", "broker_growth_mb",
 )  # fmt: skip
-#: which systems each measurement of MEASUREMENTS runs on (a zlink-only figure on the swarm lists only "zlink")
-MEASURED_ON: dict[str, tuple[str, ...]] = {
-    "throughput": ("raw", "zlink"),
-    "round_trip": ("raw", "zlink"),
-    "batch_map": ("raw", "zlink"),
-}
+
+
+def _make_system(name: str, cfg: Settings) -> Any:
+    if name == "raw":
+        return RawRelay(cfg.workers)
+    if name == "zlink":
+        return ZlinkSwarm(cfg.workers, cfg.slots, cfg.prefetch)
+    import bench_peers
+
+    return bench_peers.make_peer(name, workers=cfg.workers)
+
+
+def system_names(cfg: Settings) -> tuple[str, ...]:
+    """The systems compared, in the order they run: the floor, zlink, then the peers asked for."""
+    return ("raw", "zlink", *cfg.peers)
+
+
+def peer_unavailable(name: str) -> str | None:
+    import bench_peers
+
+    return bench_peers.available(name)
 
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the table: a figure of a measurement, compared zlink / raw, or zlink's alone."""
+    """One line of the table: a figure of zlink against the other systems, or zlink's alone with a limit."""
 
     measurement: str
     key: str
     label: str
     fmt: str = "{:,.2f}"
     higher_is_better: bool = False
-    target: float | None = None  # on zlink/raw; >= target if higher is better, else <= target
-    limit: float | None = None  # on the zlink figure itself, in ``unit``; same direction as ``target``
+    targets: tuple[tuple[str, float], ...] = ()  # (system, zlink/system): >= if higher is better, else <=
+    vs_key: str | None = None  # the other systems' key, when it differs from zlink's
+    limit: float | None = None  # on the zlink figure itself, in ``unit``; same direction as ``targets``
     unit: str = ""  # printed after the limit, e.g. " s" or "%"
     strict: bool = False  # the limit excludes its own value (< rather than <=)
 
-    def target_text(self) -> str:
+    def target_text(self, ascii_only: bool = True) -> str:
+        ge, le = (">=", "<=") if ascii_only else ("≥", "≤")
         if self.limit is not None:
-            op = (">" if self.higher_is_better else "<") + ("" if self.strict else "=")
+            op = (">" if self.higher_is_better else "<") if self.strict else (ge if self.higher_is_better else le)
             return f"{op} {self.limit:g}{self.unit}"
-        if self.target is None:
+        if not self.targets:
             return "-"
-        return f"{'>=' if self.higher_is_better else '<='} {self.target:g}x"
+        op = ge if self.higher_is_better else le
+        return " ".join(f"{name}{op}{t:g}x" for name, t in self.targets)
 
-    def meets(self, ratio: float | None, value: float | None) -> bool | None:
-        """Whether the figure meets its target or limit (None: nothing to judge)."""
-        if self.limit is not None:
-            if value is None or math.isnan(value):
-                return None
-            if self.higher_is_better:
-                return value > self.limit if self.strict else value >= self.limit
-            return value < self.limit if self.strict else value <= self.limit
-        if self.target is None or ratio is None:
+    def meets_one(self, ratio: float, target: float) -> bool:
+        return ratio >= target if self.higher_is_better else ratio <= target
+
+    def meets_limit(self, value: float | None) -> bool | None:
+        if self.limit is None or value is None or math.isnan(value):
             return None
-        return ratio >= self.target if self.higher_is_better else ratio <= self.target
+        if self.higher_is_better:
+            return value > self.limit if self.strict else value >= self.limit
+        return value < self.limit if self.strict else value <= self.limit
 
 
-ROWS: list[Row] = [
-    Row("throughput", "tasks_per_s", "throughput (tasks/s, {tasks})", "{:,.0f}", higher_is_better=True, target=0.5),
-    Row("round_trip", "p50_ms", "round trip p50 (ms)", "{:,.3f}", target=2.0),
-    Row("round_trip", "p99_ms", "round trip p99 (ms)", "{:,.3f}"),
-    Row("throughput", "relay_cpu_us_per_task", "relay/broker CPU per task (us)", "{:,.1f}"),
-    Row("throughput", "worker_cpu_us_per_task", "worker/node CPU per task (us)", "{:,.1f}"),
-    Row("throughput", "client_cpu_us_per_task", "client CPU per task (us)", "{:,.1f}"),
-    Row("failure_detection", "median_s", "kill -9 to re-dispatch, median (s)", "{:,.3f}", limit=1.5, unit=" s"),
-    Row("failure_detection", "max_s", "kill -9 to re-dispatch, max (s)", "{:,.3f}"),
-    Row("failure_detection", "status_median_s", "kill -9 to gone from status, median (s)", "{:,.3f}"),
-    Row("idle_broker", "cpu_pct", "broker CPU, {nodes} idle nodes (% core)", "{:,.2f}", limit=5, unit="%", strict=True),
-    Row("idle_broker", "cpu_pct_python", "  in its Python threads (% core)", "{:,.2f}"),
-    Row("idle_broker", "cpu_pct_libzmq", "  in libzmq's I/O threads (% core)", "{:,.2f}"),
-    Row("idle_broker", "python_wakeups_per_s", "  Python thread wake-ups per second", "{:,.0f}"),
-    Row("idle_broker", "cpu_pct_empty", "broker CPU, no node (% core)", "{:,.2f}"),
-    Row("idle_broker", "rss_mib_empty", "broker RSS, no node (MiB)", "{:,.1f}"),
-    Row("idle_broker", "rss_mib", "broker RSS, {nodes} idle nodes (MiB)", "{:,.1f}"),
-    Row("idle_broker", "kib_per_node", "broker memory per idle node (KiB)", "{:,.1f}"),
-    Row("parallel_speedup", "ratio", "parallel: {par} x 50 ms, 4x8 slots, wall/ideal", "{:,.3f}", limit=1.15, unit="x"),
-    Row("parallel_speedup", "wall_s", "  wall (s)", "{:,.3f}"),
-    Row("parallel_speedup", "ideal_s", "  ideal {par} x 0.05 / 32 (s)", "{:,.3f}"),
-    Row("parallel_speedup", "speedup", "  speed-up over one slot (x)", "{:,.1f}", higher_is_better=True),
-    Row(
-        "batch_map",
-        "tasks_per_s",
-        "batched map (tasks/s, {batch}, window {bwindow})",
-        "{:,.0f}",
-        higher_is_better=True,
-        target=2.0,
-    ),
-    Row("batch_map", "relay_cpu_us_per_task", "  relay/broker CPU per task (us)", "{:,.1f}"),
-    Row("batch_map", "worker_cpu_us_per_task", "  worker/node CPU per task (us)", "{:,.1f}"),
-    Row("batch_map", "client_cpu_us_per_task", "  client CPU per task (us)", "{:,.1f}"),
-    Row(
-        "map_memory",
-        "client_growth_mb",
-        "lazy map of {items} items: client RSS growth (MB)",
-        "{:,.1f}",
-        limit=100,
-        unit=" MB",
-        strict=True,
-    ),
-    Row("map_memory", "broker_growth_mb", "  broker RSS growth (MB)", "{:,.1f}", limit=100, unit=" MB", strict=True),
-    Row("map_memory", "node_growth_mb", "  node RSS growth, largest (MB)", "{:,.1f}"),
-    Row("map_memory", "tasks_per_s", "  lazy map tasks/s (window 1,000)", "{:,.0f}", higher_is_better=True),
-    *[
-        row
-        for size in SEAL_TASKS
-        for row in (
-            Row(
-                "sealing",
-                f"ratio_{size}",
-                f"sealed/unsealed throughput, {_size_name(size)} payloads",
-                "{:,.2f}",
-                higher_is_better=True,
-            ),
-            Row("sealing", f"sealed_tps_{size}", "  sealed (tasks/s)", "{:,.0f}", higher_is_better=True),
-            Row("sealing", f"unsealed_tps_{size}", "  unsealed (tasks/s)", "{:,.0f}", higher_is_better=True),
-        )
-    ],
-]
+def make_rows(cfg: Settings) -> list[Row]:
+    peer_targets = (("ray", 10.0), ("dask", 25.0), ("celery", 25.0))
+    rows: list[Row] = []
+    for n in cfg.map_sizes():
+        rows.append(Row("map", f"batched_tps_{n}", f"map, default batching, {short_count(n)} no-op (tasks/s)",
+                        "{:,.0f}", True, (("raw", 2.0), *peer_targets), vs_key=f"tps_{n}"))  # fmt: skip
+    for n in cfg.map_sizes():
+        rows.append(Row("map", f"tps_{n}", f"map, one task per item, {short_count(n)} (tasks/s)", "{:,.0f}", True,
+                        (("raw", 0.7),)))  # fmt: skip
+    return [
+        *rows,
+        Row("round_trip", "p50_ms", "round trip p50 (ms)", "{:,.3f}", targets=(("raw", 1.5), ("ray", 0.25))),
+        Row("round_trip", "p99_ms", "round trip p99 (ms)", "{:,.3f}"),
+        Row("map", "relay_cpu_us_per_task", f"relay/broker CPU per task, {short_count(cfg.tasks)} (us)", "{:,.1f}"),
+        Row("map", "worker_cpu_us_per_task", "  worker/node CPU per task (us)", "{:,.1f}"),
+        Row("map", "client_cpu_us_per_task", "  client CPU per task (us)", "{:,.1f}"),
+        Row(
+            "map",
+            "batched_relay_cpu_us_per_task",
+            f"  zlink batched {short_count(cfg.big_tasks)}: broker (us)",
+            "{:,.2f}",
+        ),
+        Row("map", "batched_worker_cpu_us_per_task", "  zlink batched: node (us)", "{:,.2f}"),
+        Row("map", "batched_client_cpu_us_per_task", "  zlink batched: client (us)", "{:,.2f}"),
+        Row(
+            "parallel_speedup",
+            "ratio",
+            f"parallel: {cfg.par_tasks} x 50 ms on 32 slots, wall/ideal",
+            "{:,.3f}",
+            limit=1.15,
+            unit="x",
+        ),
+        Row("parallel_speedup", "wall_s", "  wall (s)", "{:,.3f}"),
+        Row("parallel_speedup", "speedup", "  speed-up over one slot (x)", "{:,.1f}", higher_is_better=True),
+        Row("failure_detection", "median_s", "kill -9 to re-dispatch, median (s)", "{:,.3f}", limit=1.5, unit=" s"),
+        Row("failure_detection", "max_s", "kill -9 to re-dispatch, max (s)", "{:,.3f}"),
+        Row("failure_detection", "status_median_s", "kill -9 to gone from status, median (s)", "{:,.3f}"),
+        Row(
+            "idle_broker",
+            "kib_per_node",
+            f"broker memory per idle node, {cfg.idle_nodes} nodes (KiB)",
+            "{:,.1f}",
+            limit=20,
+            unit=" KiB",
+        ),
+        Row("idle_broker", "rss_mib_empty", "  broker RSS, no node (MiB)", "{:,.1f}"),
+        Row("idle_broker", "rss_mib", f"  broker RSS, {cfg.idle_nodes} idle nodes (MiB)", "{:,.1f}"),
+        Row(
+            "idle_broker",
+            "cpu_pct",
+            f"broker CPU, {cfg.idle_nodes} idle nodes (% core)",
+            "{:,.2f}",
+            limit=5,
+            unit="%",
+            strict=True,
+        ),
+        Row("idle_broker", "cpu_pct_python", "  in its Python threads (% core)", "{:,.2f}"),
+        Row("idle_broker", "cpu_pct_libzmq", "  in libzmq's I/O threads (% core)", "{:,.2f}"),
+        Row("idle_broker", "python_wakeups_per_s", "  Python thread wake-ups per second", "{:,.0f}"),
+        Row("idle_broker", "cpu_pct_empty", "broker CPU, no node (% core)", "{:,.2f}"),
+        Row(
+            "queued_memory",
+            "bytes_per_task",
+            f"broker memory per queued {QUEUED_PAYLOAD} B task, {short_count(cfg.queued_tasks)} queued (B)",
+            "{:,.0f}",
+            limit=2048,
+            unit=" B",
+        ),
+        Row("queued_memory", "rss_mib_queued", "  broker RSS with them queued (MiB)", "{:,.1f}"),
+        Row(
+            "map_memory",
+            "client_growth_mb",
+            f"lazy map of {short_count(cfg.mem_items)} items: client RSS growth (MB)",
+            "{:,.1f}",
+            limit=100,
+            unit=" MB",
+            strict=True,
+        ),
+        Row(
+            "map_memory", "broker_growth_mb", "  broker RSS growth (MB)", "{:,.1f}", limit=100, unit=" MB", strict=True
+        ),
+        Row("map_memory", "node_growth_mb", "  node RSS growth, largest (MB)", "{:,.1f}"),
+        *[
+            row
+            for size in SEAL_TASKS
+            for row in (
+                Row(
+                    "sealing",
+                    f"ratio_{size}",
+                    f"sealed/unsealed throughput, {_size_name(size)} payloads",
+                    "{:,.2f}",
+                    higher_is_better=True,
+                ),
+                Row("sealing", f"sealed_tps_{size}", "  sealed (tasks/s)", "{:,.0f}", higher_is_better=True),
+                Row("sealing", f"unsealed_tps_{size}", "  unsealed (tasks/s)", "{:,.0f}", higher_is_better=True),
+            )
+        ],
+    ]
 
 
 def pick(values: list[float], higher_is_better: bool, how: str) -> float:
@@ -1470,70 +1603,111 @@ def pick(values: list[float], higher_is_better: bool, how: str) -> float:
     return max(vals) if higher_is_better else min(vals)
 
 
-def run_all(cfg: Settings, log: Callable[[str], None]) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """Run every measurement ``cfg.repeat`` times on both systems, then the zlink-only ones.
+Runs = dict[str, dict[str, list[dict[str, Any]]]]
+
+
+def _brief(result: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:,.3f}" for k, v in result.items() if k in BRIEF_KEYS or k.startswith(("tps_", "batched_tps"))
+    )
+
+
+def run_all(cfg: Settings, log: Callable[[str], None]) -> tuple[Runs, dict[str, str]]:
+    """Run every measurement ``cfg.repeat`` times on each system, then the zlink-only ones.
 
     Only one system is up at a time (an idle system must not take CPU from the
-    one being measured), and the systems alternate on every repeat so that
-    noise from the rest of the machine hits both alike.
+    one being measured), and the systems take turns on every repeat so that
+    noise from the rest of the machine hits all alike. A peer that cannot run
+    here, or fails, is skipped with the reason (the second value), never
+    silently dropped; zlink and the raw relay failing end the run.
     """
+    systems = system_names(cfg)
     every = [*MEASUREMENTS, *SOLO_MEASUREMENTS]
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {s: [] for s in SYSTEMS} for m in every if cfg.runs(m)}
+    runs: Runs = {m: {s: [] for s in systems} for m in every if cfg.runs(m)}
+    skipped: dict[str, str] = {}
+    for name in cfg.peers:
+        reason = peer_unavailable(name)
+        if reason is not None:
+            skipped[name] = reason
     for rep in range(cfg.repeat):
-        for sname, make in SYSTEMS.items():
-            names = [m for m in MEASUREMENTS if sname in MEASURED_ON[m] and cfg.runs(m)]
+        tag = f"run {rep + 1}/{cfg.repeat}"
+        for sname in systems:
+            if sname in skipped:
+                continue
+            names = [m for m in MEASUREMENTS if cfg.runs(m)]
+            if sname in cfg.peers:
+                names += [m for m in PEER_MEASUREMENTS if cfg.runs(m)]
             if not names:
                 continue
             t_start = time.monotonic()
-            with make(cfg) as system:
-                log(f"  run {rep + 1}/{cfg.repeat} {sname}: started in {time.monotonic() - t_start:.1f} s")
-                for mname in names:
-                    t0 = time.monotonic()
-                    result = MEASUREMENTS[mname](system, cfg)
-                    runs[mname][sname].append(result)
-                    brief = ", ".join(f"{k}={v:,.3f}" for k, v in result.items() if k in BRIEF_KEYS)
-                    log(f"  run {rep + 1}/{cfg.repeat} {sname:<5} {mname:<11} {brief}  ({time.monotonic() - t0:.1f} s)")
-        for mname, measure in SOLO_MEASUREMENTS.items():
+            try:
+                with _make_system(sname, cfg) as system:
+                    log(f"  {tag} {sname}: started in {time.monotonic() - t_start:.1f} s")
+                    for mname in names:
+                        t0 = time.monotonic()
+                        measure = MEASUREMENTS.get(mname) or PEER_MEASUREMENTS[mname]
+                        result = measure(system, cfg)
+                        runs[mname][sname].append(result)
+                        log(f"  {tag} {sname:<6} {mname:<17} {_brief(result)}  ({time.monotonic() - t0:.1f} s)")
+            except (BenchError, RuntimeError) as exc:
+                if sname not in cfg.peers:
+                    raise
+                skipped[sname] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+                log(f"  {tag} {sname}: {skipped[sname]}")
+        for mname, solo in SOLO_MEASUREMENTS.items():
             if not cfg.runs(mname):
                 continue
             t0 = time.monotonic()
-            result = measure(cfg)
+            result = solo(cfg)
             runs[mname]["zlink"].append(result)
-            brief = ", ".join(f"{k}={v:,.3f}" for k, v in result.items() if k in BRIEF_KEYS)
-            log(f"  run {rep + 1}/{cfg.repeat} zlink {mname} {brief}  ({time.monotonic() - t0:.1f} s)")
-    return runs
+            log(f"  {tag} zlink  {mname:<17} {_brief(result)}  ({time.monotonic() - t0:.1f} s)")
+    return runs, skipped
 
 
-def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]], cfg: Settings) -> list[dict[str, Any]]:
-    rows = []
-    for row in ROWS:
+def summarize(runs: Runs, cfg: Settings, skipped: dict[str, str]) -> list[dict[str, Any]]:
+    """One dict per row: each system's value, zlink's ratio to each, the target text and the verdict.
+
+    The verdict is PASS when every target whose system was measured is met (a
+    skipped peer's target cannot be judged: the target text says so), MISS when
+    one is not, "-" when nothing can be judged.
+    """
+    out = []
+    systems = system_names(cfg)
+    for row in make_rows(cfg):
         if row.measurement not in runs:
             continue  # not run (--only)
         per = runs[row.measurement]
-        values = {}
-        for sname in ("raw", "zlink"):
-            samples = [r[row.key] for r in per.get(sname, []) if row.key in r]
+        values: dict[str, float | None] = {}
+        for sname in systems:
+            key = row.key if sname == "zlink" else (row.vs_key or row.key)
+            samples = [r[key] for r in per.get(sname, []) if key in r]
             values[sname] = pick(samples, row.higher_is_better, cfg.pick) if samples else None
-        raw_v, zl_v = values["raw"], values["zlink"]
-        ratio = zl_v / raw_v if raw_v and zl_v is not None else None
-        ok = row.meets(ratio, zl_v)
-        verdict = "-" if ok is None else "PASS" if ok else "MISS"
-        rows.append({
-            "metric": row.label.format(
-                tasks=short_count(cfg.tasks), nodes=cfg.idle_nodes, par=cfg.par_tasks,
-                batch=short_count(cfg.batch_tasks), bwindow=short_count(cfg.batch_window),
-                items=short_count(cfg.mem_items),
-            ),
+        zl = values["zlink"]
+        ratios = {
+            s: (zl / v if v and not math.isnan(v) and zl is not None and not math.isnan(zl) else None)
+            for s, v in values.items()
+            if s != "zlink"
+        }
+        checks = [row.meets_one(r, t) for s, t in row.targets if (r := ratios.get(s)) is not None]
+        limit_ok = row.meets_limit(zl)
+        if limit_ok is not None:
+            checks.append(limit_ok)
+        verdict = "-" if not checks else "PASS" if all(checks) else "MISS"
+        unjudged = [s for s, _ in row.targets if s in systems and ratios.get(s) is None and values["zlink"] is not None]
+        out.append({
+            "metric": row.label,
             "measurement": row.measurement,
             "key": row.key,
-            "raw": raw_v,
-            "zlink": zl_v,
-            "ratio": ratio,
+            "values": values,
+            "ratios": ratios,
             "target": row.target_text(),
+            "target_md": row.target_text(ascii_only=False),
+            "unjudged": unjudged,
             "verdict": verdict,
             "fmt": row.fmt,
+            "higher_is_better": row.higher_is_better,
         })  # fmt: skip
-    return rows
+    return out
 
 
 # =========================================================================== output
@@ -1602,17 +1776,48 @@ def fmt_value(value: float | None, fmt: str) -> str:
     return "-" if value is None or math.isnan(value) else fmt.format(value)
 
 
-def table_lines(rows: list[dict[str, Any]]) -> list[str]:
+def _ratio_text(r: dict[str, Any], sname: str) -> str:
+    v = r["ratios"].get(sname)
+    return "-" if v is None else f"{v:.2f}x" if v < 100 else f"{v:,.0f}x"
+
+
+def table_lines(rows: list[dict[str, Any]], cfg: Settings, skipped: dict[str, str]) -> list[str]:
+    systems = system_names(cfg)
+    others = [s for s in systems if s != "zlink"]
     w = max([34, *(len(r["metric"]) + 2 for r in rows)])
-    header = f"{'metric':<{w}}{'raw relay':>12}{'zlink':>12}{'ratio':>9}{'target':>10}{'':>6}"
+    tw = max([8, *(len(r["target"]) + 2 for r in rows)])
+
+    def value(r: dict[str, Any], sname: str) -> str:
+        if sname in skipped and r["values"].get(sname) is None and r["measurement"] in ("map", "round_trip"):
+            return "skipped"
+        return fmt_value(r["values"].get(sname), r["fmt"])
+
+    header = (
+        f"{'metric':<{w}}" + "".join(f"{s:>11}" for s in systems) + "".join(f"{'z/' + s:>9}" for s in others)
+        + f"{'target':>{tw}}{'':>6}"
+    )  # fmt: skip
     lines = [header, "-" * len(header)]
     for r in rows:
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         lines.append(
-            f"{r['metric']:<{w}}{fmt_value(r['raw'], r['fmt']):>12}{fmt_value(r['zlink'], r['fmt']):>12}"
-            f"{ratio:>9}{r['target']:>10}{r['verdict']:>6}"
-        )
+            f"{r['metric']:<{w}}" + "".join(f"{value(r, s):>11}" for s in systems)
+            + "".join(f"{_ratio_text(r, s):>9}" for s in others) + f"{r['target']:>{tw}}{r['verdict']:>6}"
+        )  # fmt: skip
     return lines
+
+
+def skipped_lines(skipped: dict[str, str]) -> list[str]:
+    return [f"skipped: {name}: {reason}" for name, reason in skipped.items()]
+
+
+def verdict_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The targets missed or not judged, one line each."""
+    out = []
+    for r in rows:
+        if r["verdict"] == "MISS":
+            out.append(f"MISS: {r['metric'].strip()}: target {r['target']}")
+        if r["unjudged"]:
+            out.append(f"not judged (peer skipped): {r['metric'].strip()} against {', '.join(r['unjudged'])}")
+    return out
 
 
 def machine_lines(m: dict[str, Any]) -> list[str]:
@@ -1626,14 +1831,15 @@ def machine_lines(m: dict[str, Any]) -> list[str]:
 
 def settings_text(cfg: Settings) -> str:
     prefetch = "auto" if cfg.prefetch is None else cfg.prefetch
+    sizes = " and ".join(f"{n:,}" for n in cfg.map_sizes())
     return (
-        f"{cfg.workers} workers/nodes ({cfg.slots} slots, prefetch {prefetch} per zlink node), window {cfg.window:,}, "
-        f"{cfg.tasks:,} pipelined tasks, {cfg.rtt:,} sequential round trips, warm-up {cfg.warmup:,}; "
+        f"{cfg.workers} workers/nodes per system ({cfg.slots} slots, prefetch {prefetch} per zlink node); maps of "
+        f"{sizes} no-op tasks (window {cfg.window:,} one task per item, {cfg.batch_window:,} batched); "
+        f"{cfg.rtt:,} sequential round trips; warm-up {cfg.warmup:,}; peers {', '.join(cfg.peers) or 'none'}; "
         f"{cfg.kills} node kills; {cfg.idle_nodes} idle nodes in {cfg.idle_procs} helper process(es), "
-        f"broker CPU over {cfg.idle_seconds:g} s; parallel speed-up {cfg.par_tasks:,} x 50 ms on "
-        f"{PAR_NODES} nodes x {PAR_SLOTS} slots; batched map {cfg.batch_tasks:,} tasks, window {cfg.batch_window:,}; "
-        f"lazy map {cfg.mem_items:,} items, window 1,000; {cfg.pick} of {cfg.repeat} run(s) per figure"
-        + (f"; only {', '.join(cfg.only)}" if cfg.only else "")
+        f"broker CPU over {cfg.idle_seconds:g} s; {cfg.queued_tasks:,} queued tasks; parallel speed-up "
+        f"{cfg.par_tasks:,} x 50 ms on {PAR_NODES} nodes x {PAR_SLOTS} slots; lazy map {cfg.mem_items:,} items; "
+        f"{cfg.pick} of {cfg.repeat} run(s) per figure" + (f"; only {', '.join(cfg.only)}" if cfg.only else "")
     )
 
 
@@ -1659,14 +1865,22 @@ NOTES = {
         "swarm of their own; after a warm-up map of two waves, client.map('wait50', range({par})) (each task sleeps "
         "50 ms; default window 1,000, so all are in flight) is timed to its last result. Ideal = {par} x 0.05 s / "
         "{par_total} slots; the target is wall <= 1.15x that. Whole waves alone need "
-        "ceil({par}/{par_total}) x 50 ms."
+        "ceil({par}/{par_total}) x 50 ms. Each peer runs the same tasks on its 2 workers x 16 (Dask threads, "
+        "Celery -c, Ray threaded actors): 32 at once, after the same warm-up."
     ),
-    "batch_map": (
-        "batched map: client.map('noop', range({batch}), window={bwindow}) on the shared swarm ({workers} nodes, "
-        "{slots} slots, {prefetch} prefetch), after a warm-up map, consumed and checked as results come; the raw "
-        "relay figure is its per-message throughput (pipelined requests, window {window:,}) in the same run: the "
-        "throughput run's ({tasks} requests) when it ran, otherwise measured alone over {raw_tasks} requests. The "
-        "target is zlink >= 2x the raw relay."
+    "map": (
+        "maps: each system maps a no-op over {sizes} items after a warm-up, one task per item with at most "
+        "{window:,} in flight (the raw relay: pipelined requests on one DEALER; Ray: remote functions collected "
+        "with ray.wait; Dask: client.map in chunks, gathered; Celery: groups over Redis; zlink: "
+        "client.map(..., batch=1)); zlink also runs its default client.map (adaptive batching, window "
+        "{bwindow}). Targets on the batched rows compare zlink's default map with each system's per-item map; "
+        "the one-task-per-item rows compare like with like. CPU per task is user + system time of each process "
+        "during the {tasks}-task run (clock ticks of 10 ms)."
+    ),
+    "queued_memory": (
+        "queued memory: a broker of its own with no node; after a warm-up of 1,000, {queued} sealed tasks of "
+        "100 B to a skill no node offers are submitted, and the broker's VmRSS growth once status counts them "
+        "all queued is divided by their number."
     ),
     "map_memory": (
         "lazy map memory: a swarm of its own ({workers} nodes); after a warm-up map and gc.collect(), "
@@ -1681,46 +1895,122 @@ def measurement_notes(rows: list[dict[str, Any]], cfg: Settings) -> list[str]:
     shown = {r["measurement"] for r in rows}
     fields = {
         "fd": FD_NODES, "busy": FD_NODES - 1, "par": cfg.par_tasks, "par_nodes": PAR_NODES, "par_slots": PAR_SLOTS,
-        "par_total": PAR_NODES * PAR_SLOTS, "batch": f"{cfg.batch_tasks:,}", "bwindow": f"{cfg.batch_window:,}",
+        "par_total": PAR_NODES * PAR_SLOTS, "bwindow": f"{cfg.batch_window:,}",
         "workers": cfg.workers, "slots": cfg.slots, "prefetch": "adaptive" if cfg.prefetch is None else cfg.prefetch,
         "tasks": f"{cfg.tasks:,}", "window": cfg.window, "items": cfg.mem_items,
-        "raw_tasks": f"{max(cfg.tasks, cfg.batch_tasks):,}",
+        "sizes": " and ".join(f"{n:,}" for n in cfg.map_sizes()), "queued": f"{cfg.queued_tasks:,}",
     }  # fmt: skip
     return [note.format(**fields) for m, note in NOTES.items() if m in shown]
 
 
-def markdown(rows: list[dict[str, Any]], m: dict[str, Any], cfg: Settings, cmd: str) -> str:
+def markdown(
+    rows: list[dict[str, Any]], m: dict[str, Any], cfg: Settings, cmd: str, skipped: dict[str, str], chart: str = ""
+) -> str:
+    systems = system_names(cfg)
+    others = [s for s in systems if s != "zlink"]
+    names = {"raw": "raw relay", "zlink": "zlink", "ray": "Ray", "dask": "Dask", "celery": "Celery"}
     out = [
-        "## Loopback overhead: zlink versus a raw CurveZMQ relay",
+        "## zlink against the raw ZeroMQ floor, Ray, Dask and Celery",
         "",
-        "Both systems on 127.0.0.1 with CurveZMQ on every socket: one relay process (a minimal ROUTER/ROUTER "
-        "loop that only routes by id, or the zlink broker), worker processes (DEALER echo workers, or "
-        "`zlink node` processes running `scripts/bench_skills.py`) and one client in the benchmark process. "
-        "The ratio is zlink / raw relay. The CPU rows are the user + system CPU time each process used during "
-        "the throughput run (or the batched map), divided by the tasks (clock-tick resolution: 10 ms over the "
-        "whole run); they show where the time goes, they have no target. The rows with no raw relay figure are "
-        "zlink's alone (failure detection, a broker with idle nodes, the parallel speed-up, a lazy map's memory); "
-        "their targets are absolute.",
+        "Every system on 127.0.0.1 of one machine, in one run, one system up at a time: the raw relay (a minimal "
+        "CurveZMQ ROUTER/ROUTER loop that only routes by id, and DEALER echo workers), zlink (broker, "
+        f"{cfg.workers} `zlink node` processes on `scripts/bench_skills.py`, CurveZMQ and sealed payloads) and "
+        f"each peer with {cfg.workers} worker processes (`scripts/bench_peers.py`). `z/X` is zlink's figure "
+        "divided by X's. Rows without other figures are zlink's alone, with absolute limits.",
         "",
         f"- Machine: {m['cores']} cores ({m['usable_cores']} usable), {m['cpu_model']}, {m['os']}",
         f"- Software: Python {m['python']}, pyzmq {m['pyzmq']}, libzmq {m['libzmq']}, zlink {m['zlink']}"
-        + (f" (`{m['commit']}`)" if m["commit"] else ""),
+        + (f" (`{m['commit']}`)" if m["commit"] else "")
+        + "".join(f", {names[p]} {v}" for p, v in m.get("peers", {}).items() if v),
         f"- Load average at start: {' '.join(str(x) for x in m['load_avg'])}",
         f"- Settings: {settings_text(cfg)}",
         f"- Reproduce: `{cmd}`",
-        *(f"- {note[0].upper()}{note[1:]}" for note in measurement_notes(rows, cfg)),
+        *(f"- Skipped: {names.get(k, k)}: {v}" for k, v in skipped.items()),
         "",
-        "| metric | raw relay | zlink | ratio | target | |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
+        *([f"![zlink against the others]({chart})", ""] if chart else []),
+        "| metric | " + " | ".join(names.get(s, s) for s in systems) + " | "
+        + " | ".join(f"z/{s}" for s in others) + " | target | |",
+        "|---|" + "---:|" * (len(systems) + len(others)) + "---|---|",
+    ]  # fmt: skip
     for r in rows:
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        target = r["target"].replace(">=", "≥").replace("<=", "≤")
-        out.append(
-            f"| {r['metric']} | {fmt_value(r['raw'], r['fmt'])} | {fmt_value(r['zlink'], r['fmt'])} "
-            f"| {ratio} | {target} | {r['verdict'] if r['verdict'] != '-' else ''} |"
-        )
+        cells = [fmt_value(r["values"].get(s), r["fmt"]) for s in systems] + [_ratio_text(r, s) for s in others]
+        verdict = r["verdict"] if r["verdict"] != "-" else ""
+        out.append(f"| {r['metric']} | " + " | ".join(cells) + f" | {r['target_md']} | {verdict} |")
+    out += ["", *(f"- {note[0].upper()}{note[1:]}" for note in measurement_notes(rows, cfg))]
     return "\n".join(out) + "\n"
+
+
+CHART_SYSTEMS = ("raw", "zlink", "ray", "dask", "celery")
+
+
+def write_chart(rows: list[dict[str, Any]], cfg: Settings, path: Path) -> bool:
+    """A PNG of the map throughputs and the round-trip p50 of every system (False if matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    by_key = {(r["measurement"], r["key"]): r for r in rows}
+    systems = [s for s in system_names(cfg) if s in CHART_SYSTEMS]
+    colors = {"raw": "#999999", "zlink": "#d62728", "ray": "#1f77b4", "dask": "#ff7f0e", "celery": "#2ca02c"}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1.3]})
+    groups = []
+    for n in cfg.map_sizes():
+        groups.append((f"map {short_count(n)}\none task per item", by_key.get(("map", f"tps_{n}")), False))
+    for n in cfg.map_sizes():
+        groups.append((f"map {short_count(n)}\nzlink batched", by_key.get(("map", f"batched_tps_{n}")), True))
+    width = 0.8 / len(systems)
+    for i, sname in enumerate(systems):
+        xs, ys = [], []
+        for g, (_label, r, batched) in enumerate(groups):
+            if r is None:
+                continue
+            v = r["values"].get(sname)
+            if batched and sname != "zlink":
+                continue  # the others have no batched map: their per-item figure is in the first groups
+            if v:
+                xs.append(g + (i - (len(systems) - 1) / 2) * width)
+                ys.append(v)
+        ax1.bar(xs, ys, width, label=sname, color=colors.get(sname))
+    ax1.set_yscale("log")
+    ax1.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=8)
+    ax1.set_ylabel("tasks per second (log)")
+    ax1.set_title("no-op throughput")
+    ax1.legend(fontsize=8)
+    rt = by_key.get(("round_trip", "p50_ms"))
+    if rt is not None:
+        names = [s for s in systems if rt["values"].get(s)]
+        ax2.bar(names, [rt["values"][s] for s in names], color=[colors.get(s) for s in names])
+        ax2.set_yscale("log")
+        ax2.set_ylabel("ms (log)")
+        ax2.set_title("single-task round trip p50")
+        ax2.tick_params(axis="x", labelsize=8)
+    fig.suptitle("zlink on loopback, CurveZMQ on, one machine, same run", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+DOCS_FILE = ROOT / "docs" / "benchmarks.md"
+CHART_FILE = ROOT / "docs" / "img" / "benchmarks.png"
+BEGIN, END = "<!-- bench:begin (written by scripts/bench.py --write-docs) -->", "<!-- bench:end -->"
+
+
+def write_docs(text: str, path: Path = DOCS_FILE) -> None:
+    """Replace the generated section of docs/benchmarks.md (between BEGIN and END; appended if absent)."""
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"{BEGIN}\n{text}{END}\n"
+    if BEGIN in doc and END in doc:
+        head, rest = doc.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        doc = head + section + ("\n" + tail if tail else "")
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + section
+    path.write_text(doc)
 
 
 # =========================================================================== main
@@ -1731,10 +2021,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="small counts for a smoke test (2,000 tasks, 300 round trips, 5 kills, idle CPU over 5 s, "
-        "batched map of 20,000, lazy map of 100,000)",
+        help="small counts for a smoke test (maps of 2,000 and 10,000, 300 round trips, 5 kills, idle CPU over "
+        "5 s, 10,000 queued tasks, lazy map of 100,000, 50 idle nodes)",
     )
-    ap.add_argument("--tasks", type=int, default=None, help="pipelined tasks for throughput (default 10,000)")
+    ap.add_argument("--tasks", type=int, default=None, help="the smaller map (default 10,000)")
+    ap.add_argument("--big-tasks", type=int, default=None, help="the larger map (default 100,000)")
+    ap.add_argument(
+        "--peers",
+        default=",".join(PEER_NAMES),
+        metavar="NAME[,NAME]|none",
+        help=f"peers to compare ({', '.join(PEER_NAMES)}; default all; 'none' for zlink and the raw relay only)",
+    )
+    ap.add_argument("--queued-tasks", type=int, default=None, help="broker memory: tasks queued (default 100,000)")
     ap.add_argument("--rtt", type=int, default=None, help="sequential round trips for latency (default 2,000)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up tasks before each run (default 500)")
     ap.add_argument("--window", type=int, default=1000, help="tasks in flight while pipelining (default 1,000)")
@@ -1768,14 +2066,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--par-tasks", type=int, default=400, help="parallel speed-up: 50 ms tasks on 4 nodes x 8 slots (default 400)"
     )
-    ap.add_argument(
-        "--batch-tasks", type=int, default=None, help="batched map: no-op tasks in one map (default 100,000)"
-    )
     ap.add_argument("--batch-window", type=int, default=10_000, help="batched map: tasks in flight (default 10,000)")
     ap.add_argument(
         "--mem-items", type=int, default=None, help="lazy map memory: items of the generator (default 1,000,000)"
     )
     every = [*MEASUREMENTS, *SOLO_MEASUREMENTS]
+    ap.add_argument("--write-docs", action="store_true",
+                    help=f"write the table into {DOCS_FILE.relative_to(ROOT)} and the chart to "
+                    f"{CHART_FILE.relative_to(ROOT)}")  # fmt: skip
+    ap.add_argument("--chart", type=Path, default=None, metavar="FILE", help="write the chart (PNG) here")
     ap.add_argument(
         "--only",
         default="",
@@ -1787,7 +2086,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     positive = (
         "tasks", "rtt", "warmup", "window", "workers", "slots", "repeat", "kills", "idle_nodes", "idle_procs",
-        "par_tasks", "batch_tasks", "batch_window", "mem_items",
+        "par_tasks", "big_tasks", "batch_window", "mem_items", "queued_tasks",
     )  # fmt: skip
     for name in positive:
         v = getattr(args, name)
@@ -1797,6 +2096,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--kills must be at most 198 (each held task may die 99 times)")
     if args.idle_seconds is not None and args.idle_seconds <= 0:
         ap.error("--idle-seconds must be more than 0")
+    args.peers = tuple(p for p in args.peers.replace(",", " ").split() if p and p != "none")
+    bad = [p for p in args.peers if p not in PEER_NAMES]
+    if bad:
+        ap.error(f"--peers: unknown peer(s) {', '.join(bad)}; choose from {', '.join(PEER_NAMES)} or none")
     args.only = tuple(m for m in args.only.replace(",", " ").split() if m)
     unknown = [m for m in args.only if m not in every]
     if unknown:
@@ -1810,6 +2113,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = Settings(
         tasks=args.tasks or (2_000 if args.quick else 10_000),
+        big_tasks=args.big_tasks or (10_000 if args.quick else 100_000),
+        queued_tasks=args.queued_tasks or (10_000 if args.quick else 100_000),
+        peers=args.peers,
         rtt=args.rtt or (300 if args.quick else 2_000),
         warmup=args.warmup or (200 if args.quick else 500),
         window=args.window,
@@ -1824,7 +2130,6 @@ def main(argv: list[str] | None = None) -> int:
         idle_seconds=args.idle_seconds or (5.0 if args.quick else 10.0),
         idle_procs=args.idle_procs,
         par_tasks=args.par_tasks,
-        batch_tasks=args.batch_tasks or (20_000 if args.quick else 100_000),
         batch_window=args.batch_window,
         mem_items=args.mem_items or (100_000 if args.quick else 1_000_000),
         seal_scale=0.2 if args.quick else 1.0,
@@ -1843,39 +2148,61 @@ def main(argv: list[str] | None = None) -> int:
     from zlink.errors import ZlinkError
 
     try:
-        runs = run_all(cfg, log)
+        runs, skipped = run_all(cfg, log)
     except (BenchError, ZlinkError) as exc:
         print(f"bench: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bench: interrupted (every process it started was stopped)", file=sys.stderr)
         return 130
-    rows = summarize(runs, cfg)
+    if cfg.peers:
+        import bench_peers
+
+        machine["peers"] = {p: bench_peers.version_of(p) for p in cfg.peers if p not in skipped}
+    rows = summarize(runs, cfg, skipped)
     lines = [
         *machine_lines(machine),
         f"settings: {settings_text(cfg)}",
         f"command: {cmd}",
         "",
-        *table_lines(rows),
+        *table_lines(rows, cfg, skipped),
         "",
-        "ratio = zlink / raw relay; rows without a raw relay figure are zlink's alone, with absolute targets",
+        "z/X = zlink's figure / X's; rows without other figures are zlink's alone, with absolute limits",
+        *skipped_lines(skipped),
+        *verdict_lines(rows),
         *measurement_notes(rows, cfg),
         f"total {time.monotonic() - started:.1f} s",
     ]
     print("\n".join(lines))
+    chart = args.chart or (CHART_FILE if args.write_docs else None)
+    if chart is not None:
+        if write_chart(rows, cfg, chart):
+            print(f"chart written to {chart}")
+        else:
+            print("chart not written: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
+            chart = None
     if args.json is not None:
         doc = {
             "machine": machine,
             "command": cmd,
             "settings": asdict(cfg),
+            "skipped": skipped,
             "rows": [{k: v for k, v in r.items() if k != "fmt"} for r in rows],
             "runs": runs,
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"figures written to {args.json}")
+    chart_ref = ""
+    if chart is not None:
+        with contextlib.suppress(ValueError):
+            chart_ref = str(Path(chart).resolve().relative_to(DOCS_FILE.parent))
+    text = markdown(rows, machine, cfg, cmd, skipped, chart_ref)
     if args.markdown is not None:
-        args.markdown.write_text(markdown(rows, machine, cfg, cmd))
+        args.markdown.write_text(text)
         print(f"markdown written to {args.markdown}")
+    if args.write_docs:
+        write_docs(text)
+        print(f"table written to {DOCS_FILE}")
     return 0
 
 

@@ -5,7 +5,7 @@ Each peer is a class with the interface of the ``_System`` subclasses of
 starts everything on entry (and cleans up if that fails) and stops it on exit,
 with ``name``, ``relay_pid``, ``worker_pids``, ``throughput``,
 ``cpu_meter()``, ``pipelined(n, window, budget)`` and
-``round_trips(n, budget)``, so ``bench.measure_throughput`` and
+``round_trips(n, budget)``, so ``bench.measure_map`` and
 ``bench.measure_round_trip`` run on it as they are. It adds
 ``parallel_wait(n_tasks, seconds)`` (the wall time of ``n_tasks`` tasks that
 each sleep ``seconds``, all in flight at once) and ``parallel_speedup(...)``
@@ -44,9 +44,8 @@ the peers' logs to a file of its own (the tail is in any error).
 :func:`available` says whether a peer can run here (``None``) or why not (a
 string for "skipped: ..."); :data:`PEERS` maps each name to its class.
 
-    python scripts/bench_peers.py                      # every available peer, modest counts
-    python scripts/bench_peers.py --only ray,celery --tasks 10000 --rtt 2000
-    python scripts/bench_peers.py --zlink              # and zlink in the same run, with the ratios
+    python scripts/bench_peers.py                      # which peers can run here
+    python scripts/bench.py --peers ray,dask           # measure them beside zlink and the raw relay
 
 Every start and stop is bounded in time; on exit a peer stops what it started,
 then kills by pid any of its processes still there (``leftovers`` lists them;
@@ -55,9 +54,7 @@ it should stay empty).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import importlib.util
 import logging
 import math
@@ -955,7 +952,7 @@ class PeerSystem:
         self.worker_pids: list[int] = []
         self.other_pids: list[int] = []
         self.client_pid = 0
-        #: the figures of the last throughput run on this peer (bench.measure_throughput sets it)
+        #: the figures of the last throughput run on this peer (bench.measure_map sets it)
         self.throughput: dict[str, float] | None = None
         self.setup = ""
         self.timings: dict[str, float] = {}
@@ -1186,234 +1183,15 @@ def make_peer(name: str, **kwargs: Any) -> PeerSystem:
     return PEERS[name](**kwargs)
 
 
-# =========================================================================== a stand-alone run
+# =========================================================================== availability check
 
 
-def _bench_module() -> Any:
-    """scripts/bench.py as a module, for its measurement functions and Settings (imported lazily: bench.py may
-    import this module)."""
-    import bench
-
-    return bench
-
-
-def _measure_peer(name: str, args: argparse.Namespace, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
-    bench = _bench_module()
-    kwargs: dict[str, Any] = {"workers": args.workers, "concurrency": args.concurrency}
-    if name == "ray":
-        kwargs["map_with"] = args.ray_map
-    if name == "celery":
-        kwargs["pool"] = args.celery_pool
-    peer = make_peer(name, **kwargs)
-    out: dict[str, Any] = {"name": name}
-    log(f"{name}: starting")
-    with peer:
-        log(f"{name}: started in {peer.start_s:.2f} s")
-        out["setup"] = peer.setup
-        out["start_s"] = peer.start_s
-        out["throughput"] = bench.measure_throughput(peer, cfg)
-        log(f"{name}: {out['throughput']['tasks_per_s']:,.0f} tasks/s")
-        out["round_trip"] = bench.measure_round_trip(peer, cfg)
-        log(f"{name}: round trip p50 {out['round_trip']['p50_ms']:.3f} ms")
-        out["parallel"] = peer.parallel_speedup(args.par_tasks, WAIT_S, args.budget)
-        log(f"{name}: {args.par_tasks} x 50 ms in {out['parallel']['wall_s']:.3f} s")
-    out["timings"] = peer.timings
-    out["stop_s"] = peer.stop_s
-    out["leftovers"] = peer.leftovers
-    out["stop_error"] = peer.stop_error
-    out["driver_pid"] = peer.client_pid
-    log(f"{name}: stopped in {peer.stop_s:.2f} s" + (f", killed leftovers {peer.leftovers}" if peer.leftovers else ""))
-    return out
-
-
-def _measure_zlink(args: argparse.Namespace, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
-    """zlink on the same counts: bench.py's shared swarm (2 nodes x 4 slots), then 2 nodes x concurrency slots."""
-    bench = _bench_module()
-    out: dict[str, Any] = {
-        "name": "zlink",
-        "setup": f"zlink: {args.workers} nodes x {cfg.slots} slots (bench.py's "
-        f"swarm, sealed); the 50 ms tasks on {args.workers} nodes x {args.concurrency} slots",
-    }
-    t0 = time.monotonic()
-    system = bench.ZlinkSwarm(args.workers, cfg.slots, None)
-    with system:
-        out["start_s"] = time.monotonic() - t0
-        out["throughput"] = bench.measure_throughput(system, cfg)
-        out["round_trip"] = bench.measure_round_trip(system, cfg)
-        batched = dataclasses.replace(cfg, batch_tasks=cfg.tasks, batch_window=cfg.window)
-        out["batched"] = bench.measure_batch_map(system, batched)
-        t1 = time.monotonic()
-    out["stop_s"] = time.monotonic() - t1
-    log(
-        f"zlink: {out['throughput']['tasks_per_s']:,.0f} tasks/s (batch=1), {out['batched']['tasks_per_s']:,.0f} "
-        f"(batched), p50 {out['round_trip']['p50_ms']:.3f} ms"
-    )
-    slots = args.workers * args.concurrency
-    with bench.ZlinkSwarm(args.workers, args.concurrency, None) as par:
-        client = par.client
-        t0p = time.perf_counter()
-        bench.check_map(client.map("wait50", range(2 * slots)), 2 * slots)
-        warmup = time.perf_counter() - t0p
-        t0p = time.perf_counter()
-        bench.check_map(client.map("wait50", range(args.par_tasks)), args.par_tasks)
-        wall = time.perf_counter() - t0p
-    ideal = args.par_tasks * WAIT_S / slots
-    out["parallel"] = {"wall_s": wall, "ideal_s": ideal, "ratio": wall / ideal, "slots": slots, "warmup_s": warmup,
-                       "speedup": args.par_tasks * WAIT_S / wall}  # fmt: skip
-    log(f"zlink: {args.par_tasks} x 50 ms in {wall:.3f} s")
-    return out
-
-
-def _fmt(value: float | None, fmt: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
-
-
-def _total_cpu(figures: dict[str, float]) -> float:
-    if "total_cpu_us_per_task" in figures:
-        return figures["total_cpu_us_per_task"]
-    keys = ("relay_cpu_us_per_task", "worker_cpu_us_per_task", "client_cpu_us_per_task")
-    return sum(figures[k] for k in keys if not math.isnan(figures.get(k, math.nan)))
-
-
-def _timing_line(r: dict[str, Any]) -> str:
-    t = r.get("timings", {})
-    parts = [f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f}" for k, v in t.items() if k != "driver_stop_s"]
-    return (
-        f"{r['name']}: start {r['start_s']:.2f} s (in the driver: {', '.join(parts)}), stop {r['stop_s']:.2f} s"
-        + (f", killed after the stop: {r['leftovers']}" if r.get("leftovers") else "")
-        + (f", stop error: {r['stop_error']}" if r.get("stop_error") else "")
-    )
-
-
-def _table(results: list[dict[str, Any]], skipped: dict[str, str], args: argparse.Namespace) -> list[str]:
-    cols = [
-        ("system", 8, lambda r: r["name"]),
-        ("start s", 8, lambda r: _fmt(r.get("start_s"), "{:.2f}")),
-        ("stop s", 7, lambda r: _fmt(r.get("stop_s"), "{:.2f}")),
-        ("map tasks/s", 12, lambda r: _fmt(r["throughput"]["tasks_per_s"], "{:,.0f}")),
-        ("p50 ms", 8, lambda r: _fmt(r["round_trip"]["p50_ms"], "{:.3f}")),
-        ("p99 ms", 8, lambda r: _fmt(r["round_trip"]["p99_ms"], "{:.3f}")),
-        (f"{args.par_tasks}x50ms s", 12, lambda r: _fmt(r["parallel"]["wall_s"], "{:.3f}")),
-        ("wall/ideal", 11, lambda r: _fmt(r["parallel"]["ratio"], "{:.2f}")),
-        ("CPU us/task", 12, lambda r: _fmt(_total_cpu(r["throughput"]), "{:,.0f}")),
-        ("relay/worker/client", 22, lambda r: "/".join(
-            _fmt(r["throughput"].get(k), "{:,.0f}")
-            for k in ("relay_cpu_us_per_task", "worker_cpu_us_per_task", "client_cpu_us_per_task")
-        )),
-    ]  # fmt: skip
-    header = "".join(f"{c[0]:>{c[1]}}" if i else f"{c[0]:<{c[1]}}" for i, c in enumerate(cols))
-    lines = [header, "-" * len(header)]
-    for r in results:
-        lines.append("".join(f"{c[2](r):>{c[1]}}" if i else f"{c[2](r):<{c[1]}}" for i, c in enumerate(cols)))
-        if r["name"] == "zlink":
-            b = r["batched"]
-            lines.append(f"{'  batched':<8}{'':>8}{'':>7}{_fmt(b['tasks_per_s'], '{:,.0f}'):>12}")
-    for name, reason in skipped.items():
-        lines.append(f"{name:<8}  skipped: {reason}")
-    return lines
-
-
-def _ratios(results: list[dict[str, Any]]) -> list[str]:
-    by = {r["name"]: r for r in results}
-    z = by.get("zlink")
-    if z is None:
-        return []
-    lines = ["", "zlink against the peers (issue #7 targets):"]
-    targets = {"ray": 10.0, "dask": 25.0, "celery": 25.0}
-    for name, target in targets.items():
-        if name not in by:
-            continue
-        peer_tps = by[name]["throughput"]["tasks_per_s"]
-        per_task = z["throughput"]["tasks_per_s"] / peer_tps
-        batched = z["batched"]["tasks_per_s"] / peer_tps
-        lines.append(
-            f"  map throughput vs {name}: {batched:,.1f}x with zlink's default batching, {per_task:,.1f}x with batch=1 "
-            f"(target >= {target:g}x: {'PASS' if batched >= target else 'MISS'} batched, "
-            f"{'PASS' if per_task >= target else 'MISS'} per task)"
-        )
-    if "ray" in by:
-        ratio = z["round_trip"]["p50_ms"] / by["ray"]["round_trip"]["p50_ms"]
-        lines.append(f"  round trip p50 vs ray: {ratio:.3f}x (target <= 0.25x: {'PASS' if ratio <= 0.25 else 'MISS'})")
-    for name in targets:
-        if name in by:
-            ratio = z["parallel"]["wall_s"] / by[name]["parallel"]["wall_s"]
-            lines.append(f"  {z['parallel']['slots']} at once, wall vs {name}: {ratio:.2f}x")
-    return lines
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Ray, Dask and Celery on bench.py's measurements (modest counts).")
-    ap.add_argument("--only", default="ray,dask,celery", help="peers to run, comma-separated (default all)")
-    ap.add_argument("--tasks", type=int, default=2000, help="no-op tasks for throughput (default 2,000)")
-    ap.add_argument("--window", type=int, default=1000, help="tasks in flight (default 1,000)")
-    ap.add_argument("--rtt", type=int, default=300, help="sequential round trips (default 300)")
-    ap.add_argument("--warmup", type=int, default=200, help="warm-up tasks before each run (default 200)")
-    ap.add_argument("--par-tasks", type=int, default=400, help="50 ms tasks for the parallel wall time (default 400)")
-    ap.add_argument("--workers", type=int, default=PEER_WORKERS, help="worker processes per peer (default 2)")
-    ap.add_argument(
-        "--concurrency", type=int, default=PEER_CONCURRENCY, help="50 ms tasks at once per worker (default 16)"
-    )
-    ap.add_argument("--ray-map", choices=("tasks", "actors"), default="tasks", help="Ray no-op tasks (default tasks)")
-    ap.add_argument("--celery-pool", choices=("threads", "prefork", "solo"), default="threads")
-    ap.add_argument("--budget", type=float, default=120.0, help="seconds one measurement may take (default 120)")
-    ap.add_argument("--zlink", action="store_true", help="also run zlink on the same counts and print the ratios")
-    args = ap.parse_args(argv)
-    names = [n for n in args.only.replace(",", " ").split() if n]
-    unknown = [n for n in names if n not in PEERS]
-    if unknown:
-        ap.error(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)}")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    bench = _bench_module()
-    cfg = bench.Settings(
-        tasks=args.tasks, rtt=args.rtt, warmup=args.warmup, window=args.window, workers=args.workers, slots=4,
-        prefetch=None, repeat=1, pick="best", budget=args.budget,
-    )  # fmt: skip
-
-    def log(text: str) -> None:
-        print(f"  {text}", file=sys.stderr, flush=True)
-
-    started = time.monotonic()
-    before = set(descendants(os.getpid()))
-    results: list[dict[str, Any]] = []
-    skipped: dict[str, str] = {}
-    try:
-        if args.zlink:
-            results.append(_measure_zlink(args, cfg, log))
-        for name in names:
-            reason = available(name)
-            if reason is not None:
-                skipped[name] = reason
-                log(f"{name}: skipped: {reason}")
-                continue
-            results.append(_measure_peer(name, args, cfg, log))
-    except (PeerError, bench.BenchError) as exc:
-        print(f"bench_peers: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench_peers: interrupted (every process it started was stopped)", file=sys.stderr)
-        return 130
-    left = [p for p in descendants(os.getpid()) if p not in before and not _shared_helper(p)]
-    for r in results:
-        if r.get("driver_pid"):
-            left += session_members(r["driver_pid"])
-    m = bench.machine_info()
-    lines = [
-        *bench.machine_lines(m),
-        f"settings: {args.tasks:,} no-op tasks, window {args.window:,}, warm-up {args.warmup:,}; {args.rtt:,} round "
-        f"trips; {args.par_tasks} x 50 ms on {args.workers} worker processes x {args.concurrency} "
-        "(after a warm-up of two waves)",
-        "",
-        *_table(results, skipped, args),
-        *_ratios(results),
-        "",
-        *(f"{r['name']}: {r['setup']}" for r in results),
-        *(_timing_line(r) for r in results if "timings" in r),
-        "CPU us/task: every process of the system during the throughput run, per task (clock ticks of 10 ms); "
-        "Dask's scheduler runs in the client process, so its relay column is '-' and the client's includes it.",
-        f"processes left behind: {', '.join(f'{p} {cmdline(p)[:60]}' for p in left) if left else 'none'}",
-        f"total {time.monotonic() - started:.1f} s",
-    ]
-    print("\n".join(lines))
+def main() -> int:
+    """Print whether each peer can run here (its version) or why not; bench.py runs the measurements."""
+    for name in PEERS:
+        reason = available(name)
+        print(f"{name:<7} {'available, ' + (version_of(name) or '?') if reason is None else 'skipped: ' + reason}")
+    print("measure them with: python scripts/bench.py  (or --peers ray,dask --only map,round_trip)")
     return 0
 
 
