@@ -64,6 +64,10 @@ class SkillSpec:
     tags: tuple[str, ...] = ()
     examples: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    #: media types the skill accepts and returns (e.g. "text/plain", "application/json"); the
+    #: A2A gateway lists them on its agent card, () means the gateway's defaults
+    input_modes: tuple[str, ...] = ()
+    output_modes: tuple[str, ...] = ()
 
     def wire(self) -> dict[str, Any]:
         """The metadata a node announces for this skill (no code, no secrets)."""
@@ -72,6 +76,10 @@ class SkillSpec:
             out["tags"] = list(self.tags)
         if self.examples:
             out["examples"] = list(self.examples)
+        if self.input_modes:
+            out["input_modes"] = list(self.input_modes)
+        if self.output_modes:
+            out["output_modes"] = list(self.output_modes)
         out.update(self.meta)
         return out
 
@@ -92,8 +100,18 @@ def _make_spec(fn: Callable[..., Any], name: str | None, **meta: Any) -> SkillSp
         description=description,
         tags=tuple(meta.pop("tags", ()) or ()),
         examples=tuple(meta.pop("examples", ()) or ()),
+        input_modes=_modes(meta.pop("input_modes", ()), "input_modes"),
+        output_modes=_modes(meta.pop("output_modes", ()), "output_modes"),
         meta=meta,
     )
+
+
+def _modes(modes: Iterable[str] | None, what: str) -> tuple[str, ...]:
+    """Media types such as "text/plain": at most 32, each a non-empty string of at most 100 characters."""
+    out = (modes,) if isinstance(modes, str) else tuple(modes or ())
+    if len(out) > 32 or not all(isinstance(m, str) and 0 < len(m) <= 100 for m in out):
+        raise ValueError(f"{what} must be at most 32 media types such as 'text/plain', got {out!r}")
+    return out
 
 
 @overload
@@ -106,6 +124,8 @@ def skill(
     description: str | None = None,
     tags: Iterable[str] = (),
     examples: Iterable[str] = (),
+    input_modes: Iterable[str] = (),
+    output_modes: Iterable[str] = (),
 ) -> Callable[[F], F]: ...
 def skill(
     name: str | Callable[..., Any] | None = None,
@@ -114,6 +134,8 @@ def skill(
     description: str | None = None,
     tags: Iterable[str] = (),
     examples: Iterable[str] = (),
+    input_modes: Iterable[str] = (),
+    output_modes: Iterable[str] = (),
 ) -> Any:
     """Mark a function as a zlink skill; the function itself is returned unchanged.
 
@@ -128,7 +150,9 @@ def skill(
 
     The skill name defaults to the function's name, the description to the
     first paragraph of its docstring. Arguments and results must be msgpack
-    values.
+    values. ``input_modes`` and ``output_modes`` name the media types the
+    skill takes and returns (``"text/plain"``, ``"application/json"``...), for
+    the agent card of the A2A gateway (docs/a2a.md).
     """
     if callable(name):  # bare @zlink.skill
         fn = name
@@ -136,7 +160,11 @@ def skill(
         return fn
 
     def mark(fn: F) -> F:
-        setattr(fn, _ATTR, _make_spec(fn, name, description=description, tags=tuple(tags), examples=tuple(examples)))
+        spec = _make_spec(
+            fn, name, description=description, tags=tuple(tags), examples=tuple(examples),
+            input_modes=tuple(input_modes), output_modes=tuple(output_modes),
+        )  # fmt: skip
+        setattr(fn, _ATTR, spec)
         return fn
 
     return mark
