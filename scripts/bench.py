@@ -52,6 +52,8 @@ from typing import Any, TypeVar
 
 import zmq
 
+from zlink._zmqio import recv_frames, send_frames  # the floor sends and receives as zlink does
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SKILLS_FILE = HERE / "bench_skills.py"
@@ -225,28 +227,28 @@ def raw_relay_main(public: bytes, secret: bytes, workers_expected: int, ctrl: An
         if back in events:
             for _ in range(1000):
                 try:
-                    frames = back.recv_multipart(zmq.NOBLOCK)
+                    frames = recv_frames(back)
                 except zmq.Again:
                     break
-                if len(frames) == 2 and frames[1] == b"READY":
-                    workers.append(frames[0])
+                if len(frames) == 2 and frames[1].bytes == b"READY":
+                    workers.append(frames[0].bytes)
                     if len(workers) == workers_expected:
                         ctrl.send(("ready", len(workers)))
                     while waiting:
-                        back.send_multipart([workers[rr % len(workers)], *waiting.popleft()])
+                        send_frames(back, [workers[rr % len(workers)], *waiting.popleft()])
                         rr += 1
                     continue
-                front.send_multipart(frames[1:])  # [client id, body] back to the client
+                send_frames(front, frames[1:])  # [client id, body] back to the client
         if front in events:
             for _ in range(1000):
                 try:
-                    frames = front.recv_multipart(zmq.NOBLOCK)
+                    frames = recv_frames(front)
                 except zmq.Again:
                     break
                 if not workers:
                     waiting.append(frames)
                     continue
-                back.send_multipart([workers[rr % len(workers)], *frames])
+                send_frames(back, [workers[rr % len(workers)], *frames])
                 rr += 1
     ctx.destroy(linger=0)
 
@@ -268,10 +270,10 @@ def raw_worker_main(endpoint: str, server_public: bytes) -> None:
             continue
         for _ in range(1000):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(sock)
             except zmq.Again:
                 break
-            sock.send_multipart(frames)
+            send_frames(sock, frames)
     ctx.destroy(linger=0)
 
 

@@ -29,6 +29,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as P
+from ._zmqio import recv_frames, send_frames
 from .errors import (
     AuthenticationError,
     ClosedError,
@@ -410,7 +411,7 @@ class PeerLink(ABC):
         header = P.encode(msg)
         try:
             if frames:
-                self._sock.send_multipart([header, *frames], zmq.NOBLOCK, copy=False)
+                send_frames(self._sock, [header, *frames])
             else:
                 self._sock.send(header, zmq.NOBLOCK)
         except zmq.Again:
@@ -465,7 +466,7 @@ class PeerLink(ABC):
                 if sock in events:
                     for _ in range(1000):
                         try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames = recv_frames(sock)
                         except zmq.Again:
                             break
                         self._dispatch(frames)

@@ -29,6 +29,7 @@ import zmq
 
 from . import protocol as P
 from ._peer import connection_heartbeats
+from ._zmqio import recv_frames, send_frames
 from .errors import ConfigError, RemoteProtocolError
 from .scheduler import Heartbeat, Identity, PeerGone, PeerMessage, Revoked, Scheduler, SchedulerConfig, Send, Tick
 from .security import AllowedKeys, BrokerHome, KeyPair, ZapPolicy
@@ -266,7 +267,7 @@ class Broker:
             if router in events:
                 for _ in range(_DRAIN):
                     try:
-                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = recv_frames(router)
                     except zmq.Again:
                         break
                     if len(frames) < 2:
@@ -381,10 +382,7 @@ class Broker:
                 act = Send(act.route, P.Sent(mid=msg.mid, ok=False, reason="undeliverable: the recipient disconnected"))
             header = P.encode(act.msg)
             try:
-                if act.frames:
-                    router.send_multipart([act.route, header, *act.frames], zmq.NOBLOCK, copy=False)
-                else:
-                    router.send_multipart([act.route, header], zmq.NOBLOCK)
+                send_frames(router, [act.route, header, *act.frames] if act.frames else [act.route, header])
             except zmq.ZMQError as exc:
                 if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                     if type(msg) is P.Deliver and not msg.topic:

@@ -167,18 +167,16 @@ def _result_ad(tid: bytes, skill: str, attempt: int, status: int) -> bytes:
 
 
 class _Cache(OrderedDict[bytes, ChaCha20Poly1305]):
-    """A small LRU of derived AEADs, one per peer public key; thread-safe."""
+    """A small cache of derived AEADs, one per peer public key, oldest added evicted first; thread-safe."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lock = threading.Lock()
 
     def get_or(self, pub: bytes, make: object) -> ChaCha20Poly1305:
-        with self.lock:
-            aead = self.get(pub)
-            if aead is not None:
-                self.move_to_end(pub)
-                return aead
+        aead = self.get(pub)  # the hot path: one peer key, every task; a dict read is atomic
+        if aead is not None:
+            return aead
         aead = make(pub)  # type: ignore[operator]
         with self.lock:
             self[pub] = aead
