@@ -1211,6 +1211,63 @@ def measure_map_memory(cfg: Settings) -> dict[str, Any]:
     }
 
 
+def _conn_clients_main(endpoint: str, server_public: bytes, n: int, ctrl: Any) -> None:
+    """``n`` CurveZMQ DEALERs connected to ``endpoint``, each saying one message; held until told to stop."""
+    _ignore_sigint()
+    ctx = zmq.Context()
+    socks = []
+    for _ in range(n):
+        s = ctx.socket(zmq.DEALER)
+        _curve_client(s, server_public)
+        s.connect(endpoint)
+        s.send(b"hi")
+        socks.append(s)
+    ctrl.recv()
+    ctx.destroy(linger=0)
+
+
+def measure_connection_memory(cfg: Settings) -> dict[str, Any]:
+    """The floor under the broker's memory per idle node: libzmq's own cost of one CurveZMQ connection.
+
+    A raw ROUTER (CurveZMQ server, in a process of its own: this one) with
+    ``cfg.idle_nodes`` CurveZMQ DEALERs connected from a helper process, each
+    having sent one message; RSS growth / connections. A zlink node holds three
+    such connections to its broker (tasks, heartbeats, beacon).
+    """
+    n = cfg.idle_nodes
+    mpc = mp.get_context("spawn")
+    recv_end, send_end = mpc.Pipe()
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    public, secret = zmq.curve_keypair()
+    _curve_server(router, public, secret)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    time.sleep(0.3)
+    before = proc_rss_kib(os.getpid())
+    proc = mpc.Process(target=_conn_clients_main, args=(f"tcp://127.0.0.1:{port}", public, n, recv_end), daemon=True)
+    proc.start()
+    try:
+        got = 0
+        deadline = time.monotonic() + max(30.0, n / 20)
+        while got < n and time.monotonic() < deadline:
+            if router.poll(500):
+                router.recv_multipart()
+                got += 1
+        if got < n:
+            raise BenchError(f"connection memory: only {got}/{n} connections said hello")
+        time.sleep(1.0)
+        after = proc_rss_kib(os.getpid())
+    finally:
+        with contextlib.suppress(OSError):
+            send_end.send("stop")
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+        router.close(linger=0)
+        ctx.term()
+    return {"connections": n, "kib_per_connection": (after - before) / n}
+
+
 QUEUED_PAYLOAD = 100  # broker memory per queued task: bytes of each task's argument
 
 
@@ -1424,6 +1481,7 @@ SOLO_MEASUREMENTS: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "failure_detection": measure_failure_detection,
     "idle_broker": measure_idle_broker,
     "queued_memory": measure_queued_memory,
+    "connection_memory": measure_connection_memory,
     "parallel_speedup": measure_parallel_speedup,
     "map_memory": measure_map_memory,
     "sealing": measure_sealing,
@@ -1541,6 +1599,7 @@ def make_rows(cfg: Settings) -> list[Row]:
             limit=20,
             unit=" KiB",
         ),
+        Row("connection_memory", "kib_per_connection", "  floor: libzmq, one CurveZMQ connection (KiB)", "{:,.1f}"),
         Row("idle_broker", "rss_mib_empty", "  broker RSS, no node (MiB)", "{:,.1f}"),
         Row("idle_broker", "rss_mib", f"  broker RSS, {cfg.idle_nodes} idle nodes (MiB)", "{:,.1f}"),
         Row(
@@ -1879,6 +1938,11 @@ NOTES = {
         "the one-task-per-item rows compare like with like. CPU per task is user + system time of each process "
         "during the {tasks}-task run (clock ticks of 10 ms)."
     ),
+    "connection_memory": (
+        "connection floor: a raw CurveZMQ ROUTER in the benchmark process with {nodes} DEALERs connected from a "
+        "helper process, each having sent one message; RSS growth / connections. A zlink node holds three "
+        "connections to its broker (tasks, heartbeats, beacon)."
+    ),
     "queued_memory": (
         "queued memory: a broker of its own with no node; after a warm-up of 1,000, {queued} sealed tasks of "
         "100 B to a skill no node offers are submitted, and the broker's VmRSS growth once status counts them "
@@ -1900,7 +1964,8 @@ def measurement_notes(rows: list[dict[str, Any]], cfg: Settings) -> list[str]:
         "par_total": PAR_NODES * PAR_SLOTS, "bwindow": f"{cfg.batch_window:,}",
         "workers": cfg.workers, "slots": cfg.slots, "prefetch": "adaptive" if cfg.prefetch is None else cfg.prefetch,
         "tasks": f"{cfg.tasks:,}", "window": cfg.window, "items": cfg.mem_items,
-        "sizes": " and ".join(f"{n:,}" for n in cfg.map_sizes()), "queued": f"{cfg.queued_tasks:,}",
+        "nodes": cfg.idle_nodes, "sizes": " and ".join(f"{n:,}" for n in cfg.map_sizes()),
+        "queued": f"{cfg.queued_tasks:,}",
     }  # fmt: skip
     return [note.format(**fields) for m, note in NOTES.items() if m in shown]
 
