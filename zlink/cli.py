@@ -453,7 +453,7 @@ def seal_key(out: Path | None, key_from: str | None, join_text: str | None) -> N
 @main.command()
 @join_option
 @click.option(
-    "--skills", "skills", required=True, multiple=True, help="Module name or .py file with @zlink.skill functions."
+    "--skills", "skills", multiple=True, help="Module name or .py file with @zlink.skill functions (repeatable)."
 )
 @click.option("--slots", type=int, default=4, show_default=True, help="Tasks run at once.")
 @click.option(
@@ -465,6 +465,14 @@ def seal_key(out: Path | None, key_from: str | None, join_text: str | None) -> N
 @click.option("--name", default=None, help="Node name (default: the join string's).")
 @click.option("--heartbeat-interval", type=float, default=None, help="Seconds (default: the broker's).")
 @click.option("--liveness", type=int, default=None, help="Missed beacons before the broker is presumed gone.")
+@click.option(
+    "--a2a-agent", "a2a_agent", default=None, metavar="URL",
+    help="Also serve the skills of the A2A agent at URL: each task is forwarded to it (needs zlink[a2a]).",
+)  # fmt: skip
+@click.option(
+    "--a2a-token", "a2a_token", envvar="ZLINK_A2A_TOKEN", default=None,
+    help="Bearer token for the --a2a-agent (default: $ZLINK_A2A_TOKEN).",
+)  # fmt: skip
 @log_options
 @seal_key_option
 def node(
@@ -475,17 +483,21 @@ def node(
     name: str | None,
     heartbeat_interval: float | None,
     liveness: int | None,
+    a2a_agent: str | None,
+    a2a_token: str | None,
     log_level: str,
     log_format: str,
     seal_key: str | None,
 ) -> None:
-    """Run a node serving the skills in a module (until Ctrl-C or SIGTERM)."""
+    """Run a node serving the skills in a module, or an A2A agent's (until Ctrl-C or SIGTERM)."""
     from .node import Node
 
     _setup_logging(log_level, log_format)
     _no_core_dumps()
     if slots < 1:
         _fail("--slots must be at least 1", EXIT_CONFIG)
+    if not skills and not a2a_agent:
+        _fail("give --skills MODULE (repeatable) and/or --a2a-agent URL", EXIT_CONFIG)
 
     def run() -> None:
         n = Node(
@@ -500,10 +512,118 @@ def node(
                 node_log.info("payloads sealed end to end (seal key id %s)", n.seal_key.key_id)
         elif log_level != "error":
             _seal_notice(n, "node")
-        n.add_skills(*skills)
+        if skills:
+            n.add_skills(*skills)
+        if a2a_agent:
+            from .a2a import agent_skills
+            from .a2a._convert import scrub_logs
+
+            scrub_logs()  # a2a-sdk and httpx log lines, without payloads (zero-log)
+            names = n.add_skills(agent_skills(a2a_agent, token=a2a_token))
+            logging.getLogger("zlink.node").info("serving %d skill(s) of the A2A agent %s", len(names), a2a_agent)
         n.run()
 
     _run_guarded(run)
+
+
+@main.command()
+@join_option
+@click.option(
+    "--http", "http", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
+    help="Where A2A clients connect (port 0: any free port).",
+)  # fmt: skip
+@click.option(
+    "--token", envvar="ZLINK_GATEWAY_TOKEN", default=None,
+    help="Bearer token A2A clients must send (default: $ZLINK_GATEWAY_TOKEN, else a new one printed on stdout).",
+)  # fmt: skip
+@click.option("--no-auth", is_flag=True, help="Serve without a token (anyone who reaches the port may run tasks).")
+@click.option("--public-url", default=None, help="Base URL clients use, for the agent card (default: from --http).")
+@click.option("--name", "agent_name", default="zlink swarm", show_default=True, help="The agent card's name.")
+@click.option("--default-skill", default=None, help="Skill run by messages whose metadata names none.")
+@click.option(
+    "--task-timeout", type=float, default=3600.0, show_default=True,
+    help="Seconds a task may take (a message's metadata 'timeout' may ask for less).",
+)  # fmt: skip
+@click.option(
+    "--task-ttl", type=float, default=600.0, show_default=True,
+    help="Seconds a finished task stays readable (GetTask, ListTasks); kept in memory only.",
+)  # fmt: skip
+@click.option("--max-tasks", type=int, default=10_000, show_default=True, help="Most tasks held in memory.")
+@click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False), help="Serve HTTPS: cert.")
+@click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False), help="Serve HTTPS: key.")
+@click.option(
+    "--advertise-zmq/--no-advertise-zmq", default=True, show_default=True,
+    help="List the broker's endpoint on the agent card as zlink's own binding.",
+)  # fmt: skip
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True)
+@log_options
+@seal_key_option
+def gateway(
+    join: str | None,
+    http: str,
+    token: str | None,
+    no_auth: bool,
+    public_url: str | None,
+    agent_name: str,
+    default_skill: str | None,
+    task_timeout: float,
+    task_ttl: float,
+    max_tasks: int,
+    tls_cert: str | None,
+    tls_key: str | None,
+    advertise_zmq: bool,
+    connect_timeout: float,
+    log_level: str,
+    log_format: str,
+    seal_key: str | None,
+) -> None:
+    """Serve the swarm as one A2A agent over HTTP (until Ctrl-C or SIGTERM; needs zlink[a2a]).
+
+    The agent card (/.well-known/agent-card.json) lists the skills of the live
+    nodes; JSON-RPC is served at /, HTTP+JSON under /rest. Every request but
+    the card needs 'Authorization: Bearer TOKEN'. See docs/a2a.md.
+    """
+    _setup_logging(log_level, log_format)
+    _no_core_dumps()
+
+    def make() -> Any:
+        from .a2a import Gateway
+        from .a2a._convert import scrub_logs
+
+        scrub_logs()  # a2a-sdk, uvicorn and starlette log lines, without payloads (zero-log)
+        if no_auth and token:
+            raise ConfigError("--no-auth and --token contradict each other")
+        return Gateway(
+            join, http=http, token=token, auth=not no_auth, public_url=public_url, name=agent_name,
+            default_skill=default_skill, task_timeout=task_timeout, task_ttl=task_ttl, max_tasks=max_tasks,
+            advertise_zmq=advertise_zmq, seal_key=seal_key, connect_timeout=connect_timeout,
+            tls_cert=tls_cert, tls_key=tls_key,
+        )  # fmt: skip
+
+    gw = _run_guarded(make)
+    sock = _run_guarded(gw.bind)
+    client = _run_guarded(gw.connect)
+    if log_level != "error":
+        _seal_notice(client, "gateway")
+    if gw.token is None:
+        click.echo(
+            "zlink gateway: WARNING: --no-auth: anyone who reaches the port can run tasks on the swarm", err=True
+        )
+    elif gw.tls is None and gw.host not in ("127.0.0.1", "::1", "localhost"):
+        click.echo(
+            "zlink gateway: WARNING: plain HTTP on a non-loopback address: the bearer token crosses the network "
+            "in clear; use --tls-cert/--tls-key or a TLS proxy",
+            err=True,
+        )
+    click.echo(f"zlink gateway: A2A agent at {gw.url}/ (card: {gw.url}/.well-known/agent-card.json)", err=True)
+    if gw.token_generated:
+        click.echo(
+            "zlink gateway: generated a bearer token (next line); set --token or $ZLINK_GATEWAY_TOKEN to keep one",
+            err=True,
+        )
+        click.echo(gw.token)
+        sys.stdout.flush()
+    _run_guarded(lambda: gw.run(sock))
 
 
 def _parse_args(text: str | None) -> tuple[list[Any], dict[str, Any]]:
