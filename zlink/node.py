@@ -162,7 +162,7 @@ def skill(
     def mark(fn: F) -> F:
         spec = _make_spec(
             fn, name, description=description, tags=tuple(tags), examples=tuple(examples),
-            input_modes=tuple(input_modes), output_modes=tuple(output_modes),
+            input_modes=input_modes, output_modes=output_modes,
         )  # fmt: skip
         setattr(fn, _ATTR, spec)
         return fn
