@@ -64,13 +64,11 @@ class EchoExecutor(AgentExecutor):
         )
         updater = TaskUpdater(event_queue, context.task_id, context.context_id)
         text = context.get_user_input()
-        skill = context.metadata.get("skill") or str(message.metadata["skill"] if "skill" in message.metadata else "")
+        named = message.metadata.fields.get("skill")  # metadata is a protobuf Struct
+        skill = named.string_value if named is not None else ""
         if skill not in SKILLS:
             skill = "shout" if text.split(" ", 1)[0].lower() == "shout" else "echo"
-        if skill == "shout":
-            parts = [Part(text=text.upper(), media_type="text/plain")]
-        else:
-            parts = list(message.parts)
+        parts = [Part(text=text.upper(), media_type="text/plain")] if skill == "shout" else list(message.parts)
         await updater.add_artifact(parts, artifact_id=str(uuid.uuid4()), name=skill)
         await updater.complete()
 
