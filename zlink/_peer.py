@@ -145,8 +145,15 @@ class PeerLink(ABC):
         heartbeat_interval: float | None = None,
         liveness: int | None = None,
         seal_key: SealKey | str | None = None,
+        endpoint: str | None = None,
     ) -> None:
         self.join = Join.from_env(join)
+        eps = self.join.endpoints
+        #: the broker this link talks to now: a client picks one of the join string's brokers at random
+        #: (spreading clients) and moves to the next when it dies; a node keeps one link per broker
+        self.endpoint = endpoint or (random.choice(eps) if self.hat == "client" else eps[0])
+        self._failover = endpoint is None and self.hat == "client" and len(set(eps)) > 1
+        self._switched = 0.0
         #: the swarm's payload key; None means this peer's payloads travel unsealed
         self.seal_key = resolve_seal_key(seal_key, self.join)
         self.name = name or self.join.name or f"{socket.gethostname()}-{os.getpid()}"
@@ -441,8 +448,7 @@ class PeerLink(ABC):
         beacon.setsockopt(zmq.SUBSCRIBE, b"")
         self._beacon_sock = beacon
         self.setup(ctx)
-        for ep in self.join.endpoints[:1]:
-            sock.connect(ep)
+        sock.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
@@ -485,6 +491,9 @@ class PeerLink(ABC):
                                 self._auth_failed()
                         elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                             handshake_failures = 0
+                        elif kind == zmq.EVENT_DISCONNECTED and self._failover and self.welcome is not None:
+                            # the broker's process or host closed the connection: do not wait for its beacons
+                            self._switch_broker("its connection closed")
                 self.on_poll()
                 now = time.monotonic()
                 if now >= next_tick:
@@ -539,13 +548,40 @@ class PeerLink(ABC):
             # no beacon for longer than the broker's own liveness rule: presume it
             # gone (restarting, or cut off); keep every unresolved task and say
             # HELLO until a broker answers (DEALER reconnects by itself, with backoff)
+            if self._failover:
+                self._switch_broker(f"no beacon for {silent:.1f} s")
+                return
             log.warning("no beacon from the broker for %.1f s: presuming it gone, re-registering", silent)
             self.welcome = None
             self.on_broker_lost()
+        elif (
+            self._failover and self.welcome is None and self._switched
+            and now - self._switched > self.beacon_interval * (self.liveness + 1)
+        ):  # fmt: skip
+            self._switch_broker("no answer")  # the broker we moved to does not answer either: try the next
         # re-send HELLO while a WELCOME is overdue, backing off to every few seconds
         if self.welcome is None and now - self._hello_sent > self._hello_backoff:
             self._hello_backoff = min(5.0, self._hello_backoff * 1.5) * random.uniform(0.9, 1.1)
             self._send_hello()
+
+    def _switch_broker(self, why: str) -> None:
+        """Move to the next broker of the join string (I/O thread); unresolved work follows on its WELCOME."""
+        eps = list(dict.fromkeys(self.join.endpoints))
+        old = self.endpoint
+        new = eps[(eps.index(old) + 1) % len(eps)] if old in eps else eps[0]
+        log.warning("broker %s lost (%s): moving to %s", old, why, new)
+        try:
+            self._sock.disconnect(old)
+        except zmq.ZMQError:
+            pass
+        self._sock.connect(new)
+        self.endpoint = new
+        self._switched = time.monotonic()
+        if self.welcome is not None:
+            self.welcome = None
+            self.on_broker_lost()
+        self._hello_backoff = 1.0
+        self._send_hello()
 
     def on_broker_lost(self) -> None:
         """The broker went silent (I/O thread); state is kept for when it returns."""
@@ -606,6 +642,7 @@ class PeerLink(ABC):
         self.on_message(msg, frames[1:])
 
     def _on_welcome(self, msg: P.Welcome) -> None:
+        self._switched = 0.0
         if self.welcome is not None and msg.epoch == self.epoch:
             # the answer to a HELLO resent while the broker was away: we are
             # registered already, and re-running on_welcome would resubmit again
@@ -623,7 +660,7 @@ class PeerLink(ABC):
         self._last_beacon = time.monotonic()
         self._hello_backoff = max(1.0, self.heartbeat_interval * 2)
         if msg.beacon_port:
-            endpoint = with_port(self.join.endpoints[0], msg.beacon_port)
+            endpoint = with_port(self.endpoint, msg.beacon_port)
             if endpoint != self._beacon_endpoint:  # first WELCOME, or a restarted broker on new ports
                 if self._beacon_endpoint:
                     try:

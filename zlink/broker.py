@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -91,9 +92,15 @@ class Broker:
         max_task_questions: int = 100,
         max_message_ttl: float = 600.0,
         metrics: str | None = None,
+        peers: Sequence[str] = (),
     ) -> None:
         if not bind.startswith("tcp://"):
             raise ConfigError(f"bind address must look like tcp://HOST:PORT, got {bind!r}")
+        for peer in peers:
+            if not peer.startswith("tcp://") or not urlsplit(peer).port:
+                raise ConfigError(f"a peer broker must look like tcp://HOST:PORT, got {peer!r}")
+        #: the other brokers of this swarm (they share this broker's keys); ``zlink invite`` names them all
+        self.peers = tuple(peers)
         if heartbeat_interval <= 0 or liveness < 1:
             raise ConfigError("heartbeat interval must be > 0 and liveness >= 1")
         self.bind = bind
@@ -212,7 +219,7 @@ class Broker:
         hb.setsockopt(zmq.RCVHWM, 1_000_000)  # read in batches, see the loop
         self.heartbeat_endpoint = self._bind(hb, _side_endpoint(self.bind, 2))
         try:
-            self.home.save_endpoints([self.endpoint])
+            self.home.save_endpoints([self.endpoint], self.peers)
         except OSError as exc:
             log.warning("could not record the endpoint in %s: %s", self.home.config_file, exc)
 

@@ -249,6 +249,10 @@ def main() -> None:
     "--max-message-ttl", type=float, default=600.0, show_default=True,
     help="Longest (s) the broker holds a message for a peer that is not connected (in memory only).",
 )  # fmt: skip
+@click.option(
+    "--peer", "peers", multiple=True, metavar="tcp://HOST:PORT",
+    help="Another broker of this swarm (repeat for each; they share this home's keys): invite names them all.",
+)  # fmt: skip
 @log_options
 @click.option("--quiet", is_flag=True, help="Do not print the start-up banner.")
 def broker(
@@ -264,11 +268,17 @@ def broker(
     max_task_questions: int,
     max_message_ttl: float,
     metrics: str | None,
+    peers: tuple[str, ...],
     log_level: str,
     log_format: str,
     quiet: bool,
 ) -> None:
-    """Run the broker (until Ctrl-C or SIGTERM)."""
+    """Run the broker (until Ctrl-C or SIGTERM).
+
+    Several brokers can serve one swarm (no single point of failure): give each
+    the same home (its keys and allowed/ folder, shared or copied) and --peer
+    for the others; join strings from 'zlink invite' then name them all.
+    """
     from .broker import Broker
 
     _setup_logging(log_level, log_format)
@@ -280,7 +290,7 @@ def broker(
             liveness=liveness, max_message_size=max_message_size, max_tasks_per_client=max_tasks_per_client,
             max_submit_rate=max_submit_rate, max_conversation_turns=max_conversation_turns,
             max_conversation_rate=max_conversation_rate, max_task_questions=max_task_questions,
-            max_message_ttl=max_message_ttl, metrics=metrics,
+            max_message_ttl=max_message_ttl, metrics=metrics, peers=peers,
         )  # fmt: skip
 
     import signal
@@ -323,17 +333,28 @@ def broker(
 @click.option("--role", type=click.Choice(["node", "client", "both", "admin"]), default="both", show_default=True)
 @click.option("--host", default=None, help="Host name or address peers use to reach the broker.")
 @click.option("--port", type=int, default=None, help="Broker port (default: the one it last bound).")
-def invite(home: Path | None, name: str | None, role: str, host: str | None, port: int | None) -> None:
+@click.option(
+    "--peer", "peers", multiple=True, metavar="tcp://HOST:PORT",
+    help="Another broker of the swarm to name (added to those the broker was started with).",
+)  # fmt: skip
+def invite(
+    home: Path | None, name: str | None, role: str, host: str | None, port: int | None, peers: tuple[str, ...]
+) -> None:
     """Authorise a new peer and print its join string (the last line of output).
 
     The join string holds the peer's secret key: hand it over like a password.
+    It names this broker and the swarm's other brokers (--peer, here or when
+    the broker started).
     """
 
     def run() -> None:
         h = BrokerHome(home)
         h.keys()  # clear error when there is no broker home yet
         peer = name or f"peer-{os.urandom(2).hex()}"
-        endpoints = _invite_endpoints(h, host, port)
+        for peer_ep in peers:
+            if not peer_ep.startswith("tcp://"):
+                raise ConfigError(f"--peer must look like tcp://HOST:PORT, got {peer_ep!r}")
+        endpoints = list(dict.fromkeys([*_invite_endpoints(h, host, port), *h.peers(), *peers]))
         join = h.invite(name=peer, role=role, endpoints=endpoints)
         click.echo(f"authorised {peer!r} as {role} for {', '.join(endpoints)}", err=True)
         click.echo("join string (secret: whoever holds it can connect as this peer):", err=True)

@@ -99,6 +99,10 @@ class LocalSwarm:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.broker: subprocess.Popen[bytes] | None = None
         self.endpoint = ""
+        #: with start_brokers(): every broker of the swarm, and their endpoints (join strings name them all)
+        self.brokers: list[subprocess.Popen[bytes] | None] = []
+        self.endpoints: list[str] = []
+        self._broker_procs: set[subprocess.Popen[bytes]] = set()  # every broker process started
         self._broker_args = broker_args
         self._names = 0
 
@@ -132,10 +136,58 @@ class LocalSwarm:
             time.sleep(0.05)
         raise ConnectError("the broker did not start in time")
 
+    def start_brokers(self, n: int, timeout: float = 15.0) -> list[str]:
+        """``n`` brokers of one swarm sharing this home (same keys, same allowed/), each told of the others."""
+        ports: list[int] = []
+        while len(ports) < n:
+            port = _free_port_triple()
+            if all(abs(port - q) > 2 for q in ports):
+                ports.append(port)
+        self.endpoints = [f"tcp://127.0.0.1:{p}" for p in ports]
+        self.brokers = [None] * n
+        self.endpoint = self.endpoints[0]
+        self.start_broker(timeout=timeout)  # creates the keys
+        self.brokers[0] = self.broker
+        for i in range(1, n):
+            self.restart_broker(i, timeout=timeout)
+        return self.endpoints
+
+    def restart_broker(self, i: int, timeout: float = 15.0) -> subprocess.Popen[bytes]:
+        """Start broker ``i`` of :meth:`start_brokers` (again) on its own port."""
+        import socket
+
+        ep = self.endpoints[i]
+        peers = [arg for other in self.endpoints if other != ep for arg in ("--peer", other)]
+        args = ["broker", "--home", str(self.home), "--bind", ep, "--log-level", "warning", "--quiet"]
+        proc = self._spawn([*args, *peers, *self._broker_args])
+        self._broker_procs.add(proc)
+        self.brokers[i] = proc
+        if i == 0:
+            self.broker = proc
+        port = int(ep.rsplit(":", 1)[1])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ConnectError(f"broker {i} exited at start (code {proc.returncode})")
+            with socket.socket() as s:
+                s.settimeout(0.2)
+                if s.connect_ex(("127.0.0.1", port + 2)) == 0:  # the last port it binds
+                    return proc
+            time.sleep(0.05)
+        raise ConnectError(f"broker {i} did not start in time")
+
+    def kill_broker(self, i: int) -> None:
+        """SIGKILL broker ``i`` (of :meth:`start_brokers`) and reap it."""
+        proc = self.brokers[i]
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
     def invite(self, role: str, name: str | None = None) -> str:
         self._names += 1
         nm = name or f"{role}-{self._names}"
-        join = BrokerHome(self.home).invite(name=nm, role=role, endpoints=[self.endpoint])
+        endpoints = self.endpoints or [self.endpoint]
+        join = BrokerHome(self.home).invite(name=nm, role=role, endpoints=endpoints)
         return join.with_seal_key(self.seal_key).dump()
 
     def start_node(
@@ -167,7 +219,7 @@ class LocalSwarm:
             if len(st["nodes"]) >= count:
                 return st
             for p in self.procs:
-                if p.poll() is not None and p is not self.broker:
+                if p.poll() is not None and p is not self.broker and p not in self._broker_procs:
                     raise ConnectError(f"a node process exited early (code {p.returncode})")
             time.sleep(0.1)
         raise ConnectError(f"only {len(st.get('nodes', []))} of {count} nodes joined in time")
@@ -181,7 +233,7 @@ class LocalSwarm:
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGCONT)
-        nodes = [p for p in self.procs if p is not self.broker]
+        nodes = [p for p in self.procs if p is not self.broker and p not in self._broker_procs]
         for p in nodes:
             if p.poll() is None:
                 if kill:
@@ -196,13 +248,16 @@ class LocalSwarm:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        if self.broker is not None and self.broker.poll() is None:
-            self.broker.send_signal(signal.SIGTERM)
+        brokers = [p for p in {id(p): p for p in [self.broker, *self.brokers]}.values() if p is not None]
+        for p in brokers:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in brokers:
             try:
-                self.broker.wait(5)
+                p.wait(5)
             except subprocess.TimeoutExpired:
-                self.broker.kill()
-                self.broker.wait()
+                p.kill()
+                p.wait()
         self.procs.clear()
         if self._own_home:
             shutil.rmtree(self.home, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import contextvars
 import importlib
 import importlib.util
@@ -34,7 +35,15 @@ import zmq
 from . import protocol as P
 from ._batch import ITEM_ERROR, ITEM_OK, ITEM_TIMEOUT, pack_batch_result, parse_batch
 from ._peer import PeerLink, curve_client, tune_reconnect, with_port
-from .errors import ConfigError, LoopGuarded, RemoteProtocolError, SealError, TaskCancelled, ZlinkError
+from .errors import (
+    ConfigError,
+    ConnectError,
+    LoopGuarded,
+    RemoteProtocolError,
+    SealError,
+    TaskCancelled,
+    ZlinkError,
+)
 from .protocol import Outcome
 from .seal import SEAL_OVERHEAD, NodeSealer, SealKey, answer_aead, is_sealed, open_answer
 from .security import Join
@@ -221,7 +230,7 @@ class TaskContext:
         self._pseq = 0  # sealed partial results sent so far
         self._qseq = 0  # questions asked so far
         self._asks: dict[int, cf.Future[Any]] = {}  # question number -> its answer, while waiting
-        self._node: Node | None = None
+        self._node: _BrokerLink | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -348,7 +357,277 @@ def _error_payload(exc: BaseException, node: str) -> bytes:
 # --------------------------------------------------------------------------- the node
 
 
-class Node(PeerLink):
+class _BrokerLink(PeerLink):
+    """A node's connection to one broker: registration, dispatches in, results out, heartbeats.
+
+    A node joined to one broker is its own link; joined to several (a join
+    string naming several brokers), it keeps one link per broker and one set of
+    slots for all: each link offers its broker the slots the other brokers'
+    tasks leave free (``CREDIT``), so the node never runs more than its slots.
+    """
+
+    hat = "node"
+
+    def __init__(self, node: Node | None, join: str | Join | None, **kw: Any) -> None:
+        super().__init__(join, **kw)
+        #: the node whose slots run this link's tasks (itself for the first link)
+        self.node: Node = node if node is not None else self  # type: ignore[assignment]
+        #: (tid, attempt, status, plain payload, (skill, client key) when sealed)
+        self._done: deque[tuple[bytes, int, int, bytes, _Seal]] = deque()
+        #: tasks this link's broker sent and this node has not answered yet
+        self._running: dict[bytes, TaskContext] = {}
+        #: tid -> (attempt, status, payload, seal): results sent but not yet acknowledged
+        self._unacked: dict[bytes, tuple[int, int, bytes, _Seal]] = {}
+        #: batches with a per-item timeout, watched for hung items by the I/O thread
+        self._batch_runs: dict[bytes, tuple[TaskContext, _BatchRun]] = {}
+        self._hb_thread: threading.Thread | None = None
+        self._hb_endpoint = ""
+        self._credit_sent = 0
+        self._credit_t = 0.0
+
+    # ------------------------------------------------------------------ link hooks (I/O thread)
+
+    def hello(self) -> P.Hello:
+        node = self.node
+        self._credit_sent = self._credit()
+        return P.Hello(
+            name=self.name, role="node", session=self.session,
+            skills={n: s.wire() for n, s in node.skills.items()},
+            slots=self._credit_sent, prefetch=node.prefetch,
+            running=tuple(
+                [(tid, c.attempt) for tid, c in self._running.items()]
+                + [(tid, r[0]) for tid, r in self._unacked.items() if tid not in self._running]
+            ),
+            epoch=self.epoch, agent="zlink-node", seal=self.seal_key.key_id if self.seal_key is not None else "",
+        )  # fmt: skip
+
+    def setup(self, ctx: zmq.Context[Any]) -> None:
+        self._hb_stop = threading.Event()
+
+    def _start_heartbeats(self, welcome: P.Welcome) -> None:
+        if not welcome.heartbeat_port:
+            return
+        self._hb_endpoint = with_port(self.endpoint, welcome.heartbeat_port)
+        if self._hb_thread is None:
+            self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="zlink-heartbeat", daemon=True)
+            self._hb_thread.start()
+
+    def teardown(self) -> None:
+        self._hb_stop.set()
+        if self._hb_thread is not None:
+            self._hb_thread.join(2.0)
+
+    def on_message(self, msg: P.Message, frames: list[zmq.Frame]) -> None:
+        t = type(msg)
+        if t is P.Dispatch:
+            for tid in msg.acks:  # type: ignore[attr-defined]
+                self._unacked.pop(tid, None)
+            node = self.node
+            for item, payload in zip(msg.tasks, frames, strict=True):  # type: ignore[attr-defined]
+                tid = item.tid
+                held = self._running.get(tid) or node._claim(tid, self)
+                if held is not None:
+                    held.attempt = item.attempt  # the broker's current attempt: answer as that
+                    continue
+                done = self._unacked.get(tid) or node._claim_done(tid, self)
+                if done is not None:  # finished while the broker was away: answer, do not re-run
+                    self._done.append((tid, item.attempt, done[1], done[2], done[3]))
+                    continue
+                ctx = TaskContext(tid, item.skill, item.attempt, item.timeout)
+                ctx._node = self
+                if node._draining:
+                    self._done.append((tid, item.attempt, Outcome.RETURNED, P.pack_value("node is draining"), None))
+                    continue
+                self._running[tid] = ctx
+                node._jobs.put(_Job(item, payload, ctx))
+        elif t is P.Ack:
+            for tid in msg.tids:  # type: ignore[attr-defined]
+                self._unacked.pop(tid, None)
+        elif t is P.Cancel:
+            for tid in msg.tids:  # type: ignore[attr-defined]
+                running = self._running.get(tid)
+                if running is not None:
+                    running._cancel()
+        elif t is P.Answer:
+            self._on_answer(msg, frames)  # type: ignore[arg-type]
+        elif t is P.Drain:  # an operator drained this node (zlink drain NODE)
+            log.info("drained by an operator: finishing running tasks, then stopping")
+            self.node._drain_requested = True
+            if not self.node._draining:
+                self.node._begin_drain()
+        elif t is P.Error:
+            err: P.Error = msg  # type: ignore[assignment]
+            if err.code == "loop-guard" and err.tids:
+                for tid in err.tids:
+                    held = self._running.get(tid)
+                    if held is not None:
+                        held._fail_asks(LoopGuarded(err.message))
+                return
+            log.warning("broker error %s: %s", err.code, err.message)
+
+    def on_poll(self) -> None:
+        self._flush_results()
+
+    def on_tick(self, now: float) -> None:
+        if self._batch_runs:
+            self._abandon_hung_batches(now)
+        if self.welcome is not None and len(self.node._links) > 1:
+            credit = self._credit()
+            if credit != self._credit_sent and (credit == 0 or self._credit_sent == 0 or now - self._credit_t > 0.1):
+                self._credit_sent, self._credit_t = credit, now
+                self._post(P.Credit(slots=credit))
+
+    def _post_drain(self) -> None:
+        if self.welcome is not None:
+            self._post(P.Drain(reason="draining"))
+
+    def _credit(self) -> int:
+        """Slots this broker may fill: all of them with one broker; with several, those the others' tasks leave."""
+        node = self.node
+        if len(node._links) == 1:
+            return node.slots
+        others = sum(len(link._running) for link in node._links if link is not self)
+        return max(0, node.slots - others)
+
+    def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
+        self._start_heartbeats(welcome)
+        # results the broker never acknowledged (it may have restarted): send again
+        for tid, (attempt, status, payload, seal) in list(self._unacked.items()):
+            self._done.append((tid, attempt, status, payload, seal))
+        if self.node._draining:
+            self._post(P.Drain(reason="draining"))
+
+    def on_close(self) -> None:
+        self._flush_results()
+
+    def on_fatal(self, exc: ZlinkError) -> None:
+        log.error("%s", exc)
+        self.node._stop.set()
+
+    def _flush_results(self) -> None:
+        done = self._done
+        if not done:
+            return
+        items: list[P.ResultItem] = []
+        frames: list[bytes] = []
+        limit = self.max_message_size - 4096  # room for the header
+        size = 0
+        sealer = self.node._sealer
+        while done:
+            tid, attempt, status, payload, seal = done.popleft()
+            held = self._running.get(tid)
+            if held is not None and held.attempt == attempt and status not in _ONGOING:
+                del self._running[tid]
+            if len(payload) > limit - SEAL_OVERHEAD:
+                status = Outcome.ERROR
+                payload = _error_payload(
+                    ValueError(
+                        f"the result is {len(payload)} bytes; the broker accepts at most "
+                        f"{self.max_message_size} bytes per message"
+                    ),
+                    self.name,
+                )
+            if status not in _ONGOING and status != Outcome.RETURNED:
+                self._unacked[tid] = (attempt, status, payload, seal)  # until the broker ACKs it
+            if seal is not None and sealer is not None and status in _SEALED:
+                try:
+                    payload = sealer.seal_result(seal[1], tid, seal[0], attempt, status, payload)
+                except SealError as exc:  # checked when the task opened; cannot happen, never fatal
+                    status, payload = Outcome.ERROR, _error_payload(exc, self.name)
+            if items and (len(items) >= 1000 or size + len(payload) + 40 > limit):
+                self._post(P.Result(results=tuple(items)), frames)
+                items, frames, size = [], [], 0
+            items.append(P.ResultItem(tid, attempt, status))
+            frames.append(payload)
+            size += len(payload) + 40  # the item's share of the header
+        if items:
+            self._post(P.Result(results=tuple(items)), frames)
+
+    def _abandon_hung_batches(self, now: float) -> None:
+        """An item ran past its timeout and has not returned: answer for its batch now.
+
+        The items before it keep their outcomes; it and the ones after it are
+        reported as timed out (the after ones never ran). The worker thread stays
+        with the hung call until it returns, as for any timed-out task.
+        """
+        for tid, (ctx, run) in list(self._batch_runs.items()):
+            with run.lock:
+                t = run.timeout
+                if run.ended or t is None or now - run.item_start <= t:
+                    continue
+                run.ended = True
+                i = len(run.outs)
+                outs = [
+                    *run.outs,
+                    [ITEM_TIMEOUT, f"batch item {i} ran over its timeout of {t:g} s (still running)"],
+                    *[[ITEM_TIMEOUT, f"not run: batch item {i} before it hung past the timeout"]] * (run.n - i - 1),
+                ]
+            self._batch_runs.pop(tid, None)
+            log.warning("task %s (%s): batch item %d of %d hung past %g s; answered", tid.hex(), ctx.skill, i, run.n, t)
+            answer = self.node._batch_answer(ctx, now - run.began, outs)
+            self.node._complete(ctx, answer[0], answer[1])
+
+    def _emit(self, ctx: TaskContext, status: int, payload: bytes) -> None:
+        """A message about a running task (partial result, question) to its client, in order, through the
+        broker that holds the task now; wakes that link's I/O thread."""
+        with self.node._route_lock:
+            link = ctx._node or self
+            link._done.append((ctx._tid, ctx.attempt, status, payload, ctx._seal))
+        link._waker.wake()
+
+    def _on_answer(self, msg: P.Answer, frames: list[zmq.Frame]) -> None:
+        """The client's answer to a question a running skill asked (I/O thread)."""
+        ctx = self._running.get(msg.tid)
+        fut = ctx._asks.get(msg.seq) if ctx is not None and ctx.attempt == msg.attempt else None
+        if ctx is None or fut is None or fut.done():
+            return  # answered already, or the task moved on
+        data: bytes | memoryview = frames[0].buffer
+        try:
+            if ctx._seal is not None and self.seal_key is not None:
+                data = open_answer(answer_aead(self.seal_key, ctx._seal[1]), msg.tid, msg.seq, data)
+            fut.set_result(P.unpack_value(data))
+        except (SealError, RemoteProtocolError) as exc:
+            self.seal_failures += 1
+            log.warning("task %s: dropped an answer: %s", msg.tid.hex(), exc)
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def _heartbeat_loop(self) -> None:
+        """Own thread, own socket: keeps beating while task code holds the CPU."""
+        pub = self._ctx.socket(zmq.PUB)
+        connected = ""
+        try:
+            curve_client(pub, self.join)
+            tune_reconnect(pub)
+            pub.setsockopt(zmq.SNDHWM, 10)
+            wait = 0.0
+            while not self._hb_stop.wait(wait):
+                wait = self.heartbeat_interval
+                endpoint = self._hb_endpoint
+                if endpoint != connected:  # first beat, or a restarted broker on new ports
+                    if connected:
+                        pub.disconnect(connected)
+                    pub.connect(endpoint)
+                    connected = endpoint
+                    # a PUB drops what it sends before the broker's subscription
+                    # arrives (after the CurveZMQ handshake): beat again soon
+                    wait = min(0.05, self.heartbeat_interval)
+                running = tuple((tid, c.attempt) for tid, c in list(self._running.items()))
+                hb = P.Heartbeat(
+                    session=self.session, epoch=self.epoch,
+                    free=max(0, self._credit() - len(running)), running=running[:10_000],
+                )  # fmt: skip
+                try:
+                    pub.send(P.encode(hb), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        except zmq.ZMQError as exc:  # context closed under us at shutdown
+            log.debug("heartbeat thread: %s", exc)
+        finally:
+            pub.close(linger=0)
+
+
+class Node(_BrokerLink):
     """A worker that runs skills for the swarm.
 
     ::
@@ -364,8 +643,6 @@ class Node(PeerLink):
     broker gone and re-registers, keeping its running tasks and results.
     """
 
-    hat = "node"
-
     def __init__(
         self,
         join: str | Join | None = None,
@@ -380,35 +657,36 @@ class Node(PeerLink):
     ) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
-        super().__init__(
-            join, name=name, connect_timeout=connect_timeout,
-            heartbeat_interval=heartbeat_interval, liveness=liveness, seal_key=seal_key,
+        link_kw: dict[str, Any] = dict(
+            name=name, connect_timeout=connect_timeout, heartbeat_interval=heartbeat_interval, liveness=liveness,
         )  # fmt: skip
+        super().__init__(None, join, seal_key=seal_key, **link_kw)
         self.slots = slots
         # the most tasks this node holds beyond its slots; the broker adapts the
         # actual depth to how fast tasks finish (about 10 ms of work)
         self.prefetch = 1024 if prefetch is None else max(0, prefetch)
         self.skills: dict[str, SkillSpec] = {}
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        #: (tid, attempt, status, plain payload, (skill, client key) when sealed)
-        self._done: deque[tuple[bytes, int, int, bytes, _Seal]] = deque()
-        self._running: dict[bytes, TaskContext] = {}
         self._workers: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._started = False
-        self._hb_thread: threading.Thread | None = None
-        self._hb_endpoint = ""
-        #: tid -> (attempt, status, payload, seal): results sent but not yet acknowledged
-        self._unacked: dict[bytes, tuple[int, int, bytes, _Seal]] = {}
         #: sealed payloads: opens tasks, seals results to their clients (None: unsealed swarm)
         self._sealer = NodeSealer(self.seal_key) if self.seal_key is not None else None
-        #: batches with a per-item timeout, watched for hung items by the I/O thread
-        self._batch_runs: dict[bytes, tuple[TaskContext, _BatchRun]] = {}
         self._draining = False
         self._drain_requested = False  # by an operator (zlink drain): run() stops once drained
         self.completed = 0
+        #: one link per broker of the join string: this node itself for the first, then one each
+        self._links: list[_BrokerLink] = [self]
+        #: moving a task between links (its broker died and another re-sent it) against a result being routed
+        self._route_lock = threading.Lock()
+        for endpoint in self.join.endpoints[1:]:
+            self._links.append(
+                _BrokerLink(
+                    self, self.join, seal_key=self.seal_key, endpoint=endpoint, **{**link_kw, "name": self.name}
+                )
+            )
 
     # ------------------------------------------------------------------ skills
 
@@ -474,7 +752,7 @@ class Node(PeerLink):
             self._loop_thread = threading.Thread(target=self._loop.run_forever, name="zlink-async", daemon=True)
             self._loop_thread.start()
         try:
-            self._connect()
+            self._connect_links()
         except BaseException:
             self._shutdown_workers()
             raise
@@ -524,15 +802,21 @@ class Node(PeerLink):
             return False
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and not self._stop.is_set() and not self.closed:
-            if not self._running and not self._unacked and not self._done:
+            if all(not link._running and not link._unacked and not link._done for link in self._links):
                 return True
             time.sleep(0.02)
         return False
 
     def _begin_drain(self) -> None:
+        """Tell every broker, hand back what has not started (on the I/O thread of the first link)."""
         self._draining = True
-        if self.welcome is not None:
-            self._post(P.Drain(reason="draining"))
+        for link in self._links:
+            if link is self:
+                if self.welcome is not None:
+                    self._post(P.Drain(reason="draining"))
+            else:
+                with contextlib.suppress(ZlinkError):
+                    link.call_soon(link._post_drain)
         while True:  # hand back every task that has not started yet
             try:
                 job = self._jobs.get_nowait()
@@ -541,17 +825,20 @@ class Node(PeerLink):
             if job is None:
                 self._jobs.put(None)
                 break
-            self._finish(job.item.tid, job.ctx.attempt, Outcome.RETURNED, P.pack_value("returned by a draining node"))
+            self._complete(job.ctx, Outcome.RETURNED, P.pack_value("returned by a draining node"))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking tasks, leave the swarm and stop the threads."""
         self._stop.set()
+        for link in self._links[1:]:
+            link.close(timeout)
         self.close(timeout)
         self._shutdown_workers()
 
     def _shutdown_workers(self) -> None:
-        for ctx in list(self._running.values()):
-            ctx._cancel()
+        for link in self._links:
+            for ctx in list(link._running.values()):
+                ctx._cancel()
         for _ in self._workers:
             self._jobs.put(None)
         for t in self._workers:
@@ -561,169 +848,85 @@ class Node(PeerLink):
             if self._loop_thread is not None:
                 self._loop_thread.join(1.0)
 
+    def _connect_links(self) -> None:
+        """Connect to every broker; ready as soon as one answers (the others join when they come up)."""
+        links = self._links
+        if len(links) == 1:
+            self._connect()
+            return
+        for link in links:
+            link._thread.start()
+        deadline = time.monotonic() + self.connect_timeout
+        fatal: ZlinkError | None = None
+        while time.monotonic() < deadline:
+            fatal = next((link._fatal for link in links if link._fatal is not None), None)
+            if fatal is not None:
+                break
+            if any(link._ready.is_set() for link in links):
+                return
+            time.sleep(0.02)
+        for link in links:
+            link._closing = True
+            link._waker.wake()
+        for link in links:
+            link._thread.join(2.0)
+            link._term()
+        raise fatal or ConnectError(
+            f"could not reach any broker at {', '.join(self.join.endpoints)} within {self.connect_timeout:g} s "
+            "(are they running, and are the ports reachable?)"
+        )
+
+    def _claim(self, tid: bytes, link: _BrokerLink) -> TaskContext | None:
+        """A task ``link``'s broker sent that another link's broker sent first: it now answers through ``link``."""
+        if len(self._links) == 1:
+            return None
+        with self._route_lock:
+            for other in self._links:
+                ctx = other._running.pop(tid, None) if other is not link else None
+                if ctx is not None:
+                    ctx._node = link
+                    link._running[tid] = ctx
+                    return ctx
+        return None
+
+    def _claim_done(self, tid: bytes, link: _BrokerLink) -> tuple[int, int, bytes, _Seal] | None:
+        """A result another link holds unacknowledged (its broker died) for a task ``link``'s broker re-sent."""
+        if len(self._links) == 1:
+            return None
+        for other in self._links:
+            done = other._unacked.pop(tid, None) if other is not link else None
+            if done is not None:
+                return done
+        return None
+
     def __enter__(self) -> Node:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # ------------------------------------------------------------------ link hooks (I/O thread)
-
-    def hello(self) -> P.Hello:
-        return P.Hello(
-            name=self.name, role="node", session=self.session,
-            skills={n: s.wire() for n, s in self.skills.items()},
-            slots=self.slots, prefetch=self.prefetch,
-            running=tuple(
-                [(tid, c.attempt) for tid, c in self._running.items()]
-                + [(tid, r[0]) for tid, r in self._unacked.items() if tid not in self._running]
-            ),
-            epoch=self.epoch, agent="zlink-node", seal=self.seal_key.key_id if self.seal_key is not None else "",
-        )  # fmt: skip
-
-    def setup(self, ctx: zmq.Context[Any]) -> None:
-        self._hb_stop = threading.Event()
-
-    def _start_heartbeats(self, welcome: P.Welcome) -> None:
-        if not welcome.heartbeat_port:
-            return
-        self._hb_endpoint = with_port(self.join.endpoints[0], welcome.heartbeat_port)
-        if self._hb_thread is None:
-            self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="zlink-heartbeat", daemon=True)
-            self._hb_thread.start()
-
-    def teardown(self) -> None:
-        self._hb_stop.set()
-        if self._hb_thread is not None:
-            self._hb_thread.join(2.0)
-
-    def on_message(self, msg: P.Message, frames: list[zmq.Frame]) -> None:
-        t = type(msg)
-        if t is P.Dispatch:
-            for tid in msg.acks:  # type: ignore[attr-defined]
-                self._unacked.pop(tid, None)
-            for item, payload in zip(msg.tasks, frames, strict=True):  # type: ignore[attr-defined]
-                tid = item.tid
-                held = self._running.get(tid)
-                if held is not None:
-                    held.attempt = item.attempt  # the broker's current attempt: answer as that
-                    continue
-                done = self._unacked.get(tid)
-                if done is not None:  # finished while the broker was away: answer, do not re-run
-                    self._done.append((tid, item.attempt, done[1], done[2], done[3]))
-                    continue
-                ctx = TaskContext(tid, item.skill, item.attempt, item.timeout)
-                ctx._node = self
-                if self._draining:
-                    self._done.append((tid, item.attempt, Outcome.RETURNED, P.pack_value("node is draining"), None))
-                    continue
-                self._running[tid] = ctx
-                self._jobs.put(_Job(item, payload, ctx))
-        elif t is P.Ack:
-            for tid in msg.tids:  # type: ignore[attr-defined]
-                self._unacked.pop(tid, None)
-        elif t is P.Cancel:
-            for tid in msg.tids:  # type: ignore[attr-defined]
-                running = self._running.get(tid)
-                if running is not None:
-                    running._cancel()
-        elif t is P.Answer:
-            self._on_answer(msg, frames)  # type: ignore[arg-type]
-        elif t is P.Drain:  # an operator drained this node (zlink drain NODE)
-            log.info("drained by an operator: finishing running tasks, then stopping")
-            self._drain_requested = True
-            if not self._draining:
-                self._begin_drain()
-        elif t is P.Error:
-            err: P.Error = msg  # type: ignore[assignment]
-            if err.code == "loop-guard" and err.tids:
-                for tid in err.tids:
-                    held = self._running.get(tid)
-                    if held is not None:
-                        held._fail_asks(LoopGuarded(err.message))
-                return
-            log.warning("broker error %s: %s", err.code, err.message)
-
-    def on_poll(self) -> None:
-        self._flush_results()
-
-    def on_tick(self, now: float) -> None:
-        if self._batch_runs:
-            self._abandon_hung_batches(now)
-
-    def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
-        self._start_heartbeats(welcome)
-        # results the broker never acknowledged (it may have restarted): send again
-        for tid, (attempt, status, payload, seal) in list(self._unacked.items()):
-            self._done.append((tid, attempt, status, payload, seal))
-        if self._draining:
-            self._post(P.Drain(reason="draining"))
-
-    def on_close(self) -> None:
-        self._flush_results()
-
-    def on_fatal(self, exc: ZlinkError) -> None:
-        log.error("%s", exc)
-        self._stop.set()
-
-    def _flush_results(self) -> None:
-        done = self._done
-        if not done:
-            return
-        items: list[P.ResultItem] = []
-        frames: list[bytes] = []
-        limit = self.max_message_size - 4096  # room for the header
-        size = 0
-        sealer = self._sealer
-        while done:
-            tid, attempt, status, payload, seal = done.popleft()
-            held = self._running.get(tid)
-            if held is not None and held.attempt == attempt and status not in _ONGOING:
-                del self._running[tid]
-            if len(payload) > limit - SEAL_OVERHEAD:
-                status = Outcome.ERROR
-                payload = _error_payload(
-                    ValueError(
-                        f"the result is {len(payload)} bytes; the broker accepts at most "
-                        f"{self.max_message_size} bytes per message"
-                    ),
-                    self.name,
-                )
-            if status not in _ONGOING and status != Outcome.RETURNED:
-                self._unacked[tid] = (attempt, status, payload, seal)  # until the broker ACKs it
-            if seal is not None and sealer is not None and status in _SEALED:
-                try:
-                    payload = sealer.seal_result(seal[1], tid, seal[0], attempt, status, payload)
-                except SealError as exc:  # checked when the task opened; cannot happen, never fatal
-                    status, payload = Outcome.ERROR, _error_payload(exc, self.name)
-            if items and (len(items) >= 1000 or size + len(payload) + 40 > limit):
-                self._post(P.Result(results=tuple(items)), frames)
-                items, frames, size = [], [], 0
-            items.append(P.ResultItem(tid, attempt, status))
-            frames.append(payload)
-            size += len(payload) + 40  # the item's share of the header
-        if items:
-            self._post(P.Result(results=tuple(items)), frames)
-
     # ------------------------------------------------------------------ workers
 
-    def _finish(self, tid: bytes, attempt: int, status: int, payload: bytes, seal: _Seal = None) -> None:
-        self._done.append((tid, attempt, status, payload, seal))
+    def _complete(self, ctx: TaskContext, status: int, payload: bytes) -> None:
+        """A task's outcome, to the broker that holds the task now (any thread)."""
+        with self._route_lock:
+            link = ctx._node or self
+            link._done.append((ctx._tid, ctx.attempt, status, payload, ctx._seal))
         self.completed += 1
-        self._waker.wake()  # the I/O thread sends results on every wake-up
+        link._waker.wake()  # the I/O thread sends results on every wake-up
 
     def _worker(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            item, ctx = job.item, job.ctx
+            ctx = job.ctx
             if ctx._cancelled:
-                self._finish(item.tid, ctx.attempt, Outcome.CANCELLED, P.pack_value("cancelled before it started"))
+                self._complete(ctx, Outcome.CANCELLED, P.pack_value("cancelled before it started"))
                 continue
             answer = self._execute(job)
             if answer is not None:  # None: answered already (a batch with a hung item)
-                self._finish(item.tid, ctx.attempt, answer[0], answer[1], ctx._seal)
+                self._complete(ctx, answer[0], answer[1])
 
     def _execute(self, job: _Job) -> tuple[int, bytes] | None:
         item, ctx = job.item, job.ctx
@@ -801,8 +1004,9 @@ class Node(PeerLink):
         fn = spec.fn
         plain = not (spec.is_async or spec.is_generator)
         tid = ctx._tid
+        watcher = ctx._node or self  # the I/O thread that answers for the batch if an item hangs
         if item_timeout is not None:
-            self._batch_runs[tid] = (ctx, run)
+            watcher._batch_runs[tid] = (ctx, run)
         token = _current.set(ctx)
         try:
             for args in items:
@@ -831,32 +1035,8 @@ class Node(PeerLink):
         finally:
             _current.reset(token)
             if item_timeout is not None:
-                self._batch_runs.pop(tid, None)
+                watcher._batch_runs.pop(tid, None)
         return self._batch_answer(ctx, clock() - run.began, outs)
-
-    def _abandon_hung_batches(self, now: float) -> None:
-        """An item ran past its timeout and has not returned: answer for its batch now.
-
-        The items before it keep their outcomes; it and the ones after it are
-        reported as timed out (the after ones never ran). The worker thread stays
-        with the hung call until it returns, as for any timed-out task.
-        """
-        for tid, (ctx, run) in list(self._batch_runs.items()):
-            with run.lock:
-                t = run.timeout
-                if run.ended or t is None or now - run.item_start <= t:
-                    continue
-                run.ended = True
-                i = len(run.outs)
-                outs = [
-                    *run.outs,
-                    [ITEM_TIMEOUT, f"batch item {i} ran over its timeout of {t:g} s (still running)"],
-                    *[[ITEM_TIMEOUT, f"not run: batch item {i} before it hung past the timeout"]] * (run.n - i - 1),
-                ]
-            self._batch_runs.pop(tid, None)
-            log.warning("task %s (%s): batch item %d of %d hung past %g s; answered", tid.hex(), ctx.skill, i, run.n, t)
-            answer = self._batch_answer(ctx, now - run.began, outs)
-            self._finish(tid, ctx.attempt, answer[0], answer[1], ctx._seal)
 
     def _batch_answer(self, ctx: TaskContext, seconds: float, outs: list[list[Any]]) -> tuple[int, bytes]:
         """The batch's result; outcomes too big for one message go ahead as partial results."""
@@ -901,7 +1081,6 @@ class Node(PeerLink):
 
     def _partial(self, ctx: TaskContext, value: Any) -> None:
         self._emit_partial(ctx, P.pack_value(value))  # TypeError here fails the task, as for a result
-        self._waker.wake()
 
     def _emit_partial(self, ctx: TaskContext, payload: bytes) -> None:
         if ctx._seal is not None:
@@ -909,25 +1088,6 @@ class Node(PeerLink):
             ctx._pseq += 1
             payload = ctx._pseq.to_bytes(4, "big") + payload
         self._emit(ctx, Outcome.PARTIAL, payload)
-
-    def _emit(self, ctx: TaskContext, status: int, payload: bytes) -> None:
-        """A message about a running task (partial result, question) to its client, in order."""
-        self._done.append((ctx._tid, ctx.attempt, status, payload, ctx._seal))
-
-    def _on_answer(self, msg: P.Answer, frames: list[zmq.Frame]) -> None:
-        """The client's answer to a question a running skill asked (I/O thread)."""
-        ctx = self._running.get(msg.tid)
-        fut = ctx._asks.get(msg.seq) if ctx is not None and ctx.attempt == msg.attempt else None
-        if ctx is None or fut is None or fut.done():
-            return  # answered already, or the task moved on
-        data: bytes | memoryview = frames[0].buffer
-        try:
-            if ctx._seal is not None and self.seal_key is not None:
-                data = open_answer(answer_aead(self.seal_key, ctx._seal[1]), msg.tid, msg.seq, data)
-            fut.set_result(P.unpack_value(data))
-        except (SealError, RemoteProtocolError) as exc:
-            self.seal_failures += 1
-            log.warning("task %s: dropped an answer: %s", msg.tid.hex(), exc)
 
     def _run_async(
         self, spec: SkillSpec, ctx: TaskContext, args: list[Any], kwargs: dict[str, Any], partials: bool = True
@@ -948,39 +1108,3 @@ class Node(PeerLink):
         if ctx._cancelled:
             fut.cancel()
         return fut.result()
-
-    # ------------------------------------------------------------------ heartbeats
-
-    def _heartbeat_loop(self) -> None:
-        """Own thread, own socket: keeps beating while task code holds the CPU."""
-        pub = self._ctx.socket(zmq.PUB)
-        connected = ""
-        try:
-            curve_client(pub, self.join)
-            tune_reconnect(pub)
-            pub.setsockopt(zmq.SNDHWM, 10)
-            wait = 0.0
-            while not self._hb_stop.wait(wait):
-                wait = self.heartbeat_interval
-                endpoint = self._hb_endpoint
-                if endpoint != connected:  # first beat, or a restarted broker on new ports
-                    if connected:
-                        pub.disconnect(connected)
-                    pub.connect(endpoint)
-                    connected = endpoint
-                    # a PUB drops what it sends before the broker's subscription
-                    # arrives (after the CurveZMQ handshake): beat again soon
-                    wait = min(0.05, self.heartbeat_interval)
-                running = tuple((tid, c.attempt) for tid, c in list(self._running.items()))
-                hb = P.Heartbeat(
-                    session=self.session, epoch=self.epoch,
-                    free=max(0, self.slots - len(running)), running=running[:10_000],
-                )  # fmt: skip
-                try:
-                    pub.send(P.encode(hb), zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-        except zmq.ZMQError as exc:  # context closed under us at shutdown
-            log.debug("heartbeat thread: %s", exc)
-        finally:
-            pub.close(linger=0)

@@ -30,6 +30,7 @@ __all__ = [
     "Beacon",
     "Bye",
     "Cancel",
+    "Credit",
     "Dispatch",
     "DispatchItem",
     "Drain",
@@ -567,6 +568,22 @@ class Drain(Message):
     SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("reason", _v_str(4096)),)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Credit(Message):
+    """Node to broker: the slots this broker may fill now (a node joined to several brokers).
+
+    The node's slots are shared by every broker it is joined to: each link
+    offers its broker the slots the other brokers' tasks leave free, so the
+    node never holds more running tasks than its slots. With one broker the
+    node never sends it (its HELLO's slots stand).
+    """
+
+    COMMAND: ClassVar[str] = "CREDIT"
+    slots: int
+
+    SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (("slots", _v_int(0, 100_000)),)
+
+
 # --------------------------------------------------------------------------- agent messaging
 
 
@@ -680,7 +697,7 @@ COMMANDS: Final[dict[str, type[Message]]] = {
     cls.COMMAND: cls
     for cls in (
         Hello, Welcome, Submit, Dispatch, Result, Cancel, Heartbeat, Beacon, Status, StatusReply, Error, Bye, Ack,
-        Drain, SendMessage, Publish, Subscribe, Deliver, Sent, Answer,
+        Drain, Credit, SendMessage, Publish, Subscribe, Deliver, Sent, Answer,
     )
 }  # fmt: skip
 

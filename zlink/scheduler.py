@@ -199,6 +199,12 @@ PREFETCH_HORIZON: Final = 0.01
 RATE_WINDOW: Final = 0.05
 
 
+def _capacity(slots: int, max_prefetch: int, want: int) -> int:
+    """Tasks the broker keeps at a node: its slots plus ``want`` queued (at most ``max_prefetch``);
+    none while it offers no slot (a node sharing its slots with other brokers, all taken)."""
+    return 0 if slots == 0 else slots + min(max_prefetch, want)
+
+
 class Node(Peer):
     __slots__ = (
         "alive", "capacity", "done", "draining", "failed", "inflight", "joined", "max_prefetch",
@@ -213,7 +219,7 @@ class Node(Peer):
         self.max_prefetch = prefetch
         #: ...and the broker keeps about PREFETCH_HORIZON seconds of work there,
         #: at least ``slots`` (capped by max_prefetch): capacity = slots + that
-        self.capacity = max(1, slots + min(prefetch, slots))
+        self.capacity = _capacity(slots, prefetch, slots)
         self.draining = False
         self.rate = 0.0  # completions per second (EWMA)
         self.rate_t = self.last_seen
@@ -450,6 +456,8 @@ class Scheduler:
             self._on_subscribe(peer, msg)  # type: ignore[arg-type]
         elif t is P.Answer and type(peer) is Client:
             self._on_answer(peer, msg, ev.frames)  # type: ignore[arg-type]
+        elif t is P.Credit and type(peer) is Node:
+            self._on_credit(peer, msg.slots)  # type: ignore[attr-defined]
         elif t is P.Drain and type(peer) is Node:
             peer.draining = True
             peer.capacity = 0
@@ -588,7 +596,7 @@ class Scheduler:
         node.skills = msg.skills
         node.slots = msg.slots
         node.max_prefetch = msg.prefetch
-        node.capacity = max(1, msg.slots + min(msg.prefetch, msg.slots))
+        node.capacity = _capacity(msg.slots, msg.prefetch, msg.slots)
 
     def _unique_name(self, wanted: str, session: bytes) -> str:
         name = (wanted or "peer")[: P.MAX_NAME - 12]
@@ -775,7 +783,15 @@ class Scheduler:
         node.rate_t, node.rate_n = now, finished
         want = max(node.slots, int(node.rate * PREFETCH_HORIZON))
         if not node.draining:
-            node.capacity = max(1, node.slots + min(node.max_prefetch, want))
+            node.capacity = _capacity(node.slots, node.max_prefetch, want)
+
+    def _on_credit(self, node: Node, slots: int) -> None:
+        """A node joined to several brokers re-sized its share of slots for this one."""
+        node.slots = slots
+        if not node.draining:
+            node.capacity = _capacity(slots, node.max_prefetch, max(slots, int(node.rate * PREFETCH_HORIZON)))
+        if len(node.inflight) < node.capacity:
+            self._pump_node(node)
 
     def _on_cancel(self, client: Client, tids: Iterable[bytes]) -> None:
         for tid in tids:

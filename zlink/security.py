@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -458,12 +459,23 @@ class BrokerHome:
             )
         return load_keypair(self.secret_file)
 
-    def save_endpoints(self, binds: list[str]) -> None:
+    def save_endpoints(self, binds: list[str], peers: Sequence[str] = ()) -> None:
+        """Record where this broker listens and the other brokers of its swarm (for ``zlink invite``)."""
         import json
 
-        tmp = self.config_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"bind": binds}) + "\n")
+        tmp = self.config_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"bind": binds, "peers": list(peers)}) + "\n")
         tmp.replace(self.config_file)
+
+    def peers(self) -> list[str]:
+        """The swarm's other brokers, as the last broker started from this home recorded them."""
+        import json
+
+        try:
+            data = json.loads(self.config_file.read_text())
+            return [str(x) for x in data.get("peers", [])]
+        except (OSError, ValueError):
+            return []
 
     def bound_endpoints(self) -> list[str]:
         import json

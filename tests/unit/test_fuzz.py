@@ -145,6 +145,7 @@ MESSAGES: dict[str, st.SearchStrategy[P.Message]] = {
     "BYE": st.builds(P.Bye, reason=st.text(max_size=20)),
     "ACK": st.builds(P.Ack, tids=_batch(_ids)),
     "DRAIN": st.builds(P.Drain, reason=st.text(max_size=20)),
+    "CREDIT": st.builds(P.Credit, slots=st.integers(0, 100_000)),
     "SEND": st.builds(P.SendMessage, to=_names, mid=_ids, ttl=st.floats(0.0, 86_400.0)),
     "PUBLISH": st.builds(P.Publish, topic=_names, mid=_ids),
     "SUBSCRIBE": st.builds(P.Subscribe, topics=st.lists(_names, max_size=4).map(tuple), stop=st.booleans()),

@@ -111,6 +111,7 @@ STRATEGIES: dict[str, st.SearchStrategy[P.Message]] = {
     "BYE": st.builds(P.Bye, reason=text(4096)),
     "ACK": st.builds(P.Ack, tids=batch(ids)),
     "DRAIN": st.builds(P.Drain, reason=text(4096)),
+    "CREDIT": st.builds(P.Credit, slots=st.integers(0, 100_000)),
     "SEND": st.builds(P.SendMessage, to=names, mid=ids, ttl=st.floats(0.0, 86_400.0)),
     "PUBLISH": st.builds(P.Publish, topic=names, mid=ids),
     "SUBSCRIBE": st.builds(P.Subscribe, topics=st.lists(names, max_size=10).map(tuple), stop=st.booleans()),
@@ -137,6 +138,7 @@ MINIMAL: dict[str, P.Message] = {
     "BYE": P.Bye(),
     "ACK": P.Ack(tids=(b"t1",)),
     "DRAIN": P.Drain(),
+    "CREDIT": P.Credit(slots=0),
     "SEND": P.SendMessage(to="bob", mid=b"m1"),
     "PUBLISH": P.Publish(topic="news", mid=b"m2"),
     "SUBSCRIBE": P.Subscribe(topics=("news",)),
@@ -160,6 +162,7 @@ REQUIRED: dict[str, set[str]] = {
     "BYE": set(),
     "ACK": {"tids"},
     "DRAIN": set(),
+    "CREDIT": {"slots"},
     "SEND": {"to", "mid"},
     "PUBLISH": {"topic", "mid"},
     "SUBSCRIBE": {"topics"},
@@ -249,6 +252,7 @@ def test_payload_counts() -> None:
     assert MINIMAL["RESULT"].payload_count() == 2
     for command in (
         "HELLO", "WELCOME", "CANCEL", "HEARTBEAT", "BEACON", "STATUS", "STATUS_REPLY", "ERROR", "BYE", "ACK", "DRAIN",
+        "CREDIT",
     ):  # fmt: skip
         assert MINIMAL[command].payload_count() == 0
 

@@ -217,6 +217,26 @@ class _ScrubFilter(logging.Filter):
         return True
 
 
+class _Throttle(logging.Filter):
+    """The same line at most once per ``period`` seconds (a2a-sdk warns on every card request
+    while the swarm offers no skill, since a card must list one)."""
+
+    def __init__(self, period: float = 300.0) -> None:
+        super().__init__()
+        self.period = period
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        last = self._last.get(key)
+        if last is not None and record.created - last < self.period:
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = record.created
+        return True
+
+
 def scrub_logs(handlers: Iterable[logging.Handler] | None = None) -> None:
     """Scrub third-party log lines on ``handlers`` (default: the root logger's), and quiet them.
 
@@ -230,7 +250,10 @@ def scrub_logs(handlers: Iterable[logging.Handler] | None = None) -> None:
         if not any(isinstance(f, _ScrubFilter) for f in handler.filters):
             handler.addFilter(_ScrubFilter())
     for name, level in (("httpx", logging.WARNING), ("httpcore", logging.WARNING), ("uvicorn", logging.WARNING),
-                        ("sse_starlette", logging.INFO), ("a2a", logging.INFO)):  # fmt: skip
+                        ("sse_starlette", logging.INFO), ("a2a", logging.WARNING)):  # fmt: skip
         logger = logging.getLogger(name)
         if logger.getEffectiveLevel() < level:
             logger.setLevel(level)
+    checks = logging.getLogger("a2a.utils.proto_utils")
+    if not any(isinstance(f, _Throttle) for f in checks.filters):
+        checks.addFilter(_Throttle())

@@ -10,6 +10,7 @@ leave) and a bearer-token check in front of everything but the card.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import hmac
 import logging
 import math
@@ -18,7 +19,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
@@ -35,6 +36,7 @@ from a2a.types import (
     AgentExtension,
     AgentInterface,
     AgentSkill,
+    CancelTaskRequest,
     HTTPAuthSecurityScheme,
     InvalidParamsError,
     ListTasksRequest,
@@ -50,6 +52,7 @@ from a2a.types import (
     TaskStatus,
 )
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH, TransportProtocol
+from a2a.utils.errors import A2AError
 from a2a.utils.proto_utils import validate_proto_required_fields
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -61,7 +64,7 @@ from ..errors import ConfigError, RemoteError, TaskCancelled, ZlinkError
 from ..seal import SealKey
 from ..security import Join, default_host
 from . import BINDING_URI
-from ._convert import message_call, struct_dict, value_parts
+from ._convert import message_call, parts_value, struct_dict, value_parts
 
 __all__ = ["CALL_EXTENSION", "Gateway", "build_card", "swarm_skills"]
 
@@ -271,40 +274,84 @@ class _Call:
     stream: bool
 
 
-class _Run:
-    """A running gateway task: its zlink handle, and whether its end was already written."""
+#: what a running task hands the executor: a partial result, a question (value, how to answer it), or the end
+_Item = tuple[str, Any] | tuple[str, Any, Callable[[Any], None]] | None
 
-    __slots__ = ("ended", "future")
+
+class _Run:
+    """A gateway task's zlink side: its future, what it produced so far, and a question waiting for an answer.
+
+    It outlives one ``execute`` call when the skill asks a question: the A2A
+    task is then ``input-required`` and the client's next message (naming the
+    task) is the answer.
+    """
+
+    __slots__ = ("ended", "future", "items", "parked", "pending", "sent", "waiting")
 
     def __init__(self, future: TaskFuture) -> None:
         self.future = future
-        self.ended = False
+        self.items: asyncio.Queue[_Item] = asyncio.Queue()
+        self.sent = 0  # partial results relayed so far
+        self.ended = False  # the A2A task's final state is written (or being written)
+        self.parked = False  # input-required: no execute() is reading items
+        self.pending: Callable[[Any], None] | None = None  # answers the question the client was asked
+        self.waiting: set[cf.Future[Any]] = set()  # answers waited for on submit's question threads
 
 
 def _agent_message(updater: TaskUpdater, text: str) -> Message:
     return updater.new_agent_message([Part(text=text, media_type="text/plain")])
 
 
+def _question_text(value: Any) -> str:
+    return value if isinstance(value, str) else "the skill asks a question (in the parts of this message)"
+
+
 class _Executor(AgentExecutor):
-    """Runs each A2A task as one zlink task; partial results of generator skills stream as an artifact."""
+    """Runs each A2A task as one zlink task.
+
+    Partial results of generator skills stream as chunks of the artifact
+    "partials" (streaming requests), the result is the artifact "result". A
+    skill's question (``current_task().ask``) makes the task input-required:
+    the client's next message to the task answers it.
+    """
 
     def __init__(self, gateway: Gateway) -> None:
         self._gw = gateway
         self._runs: dict[str, _Run] = {}
 
+    def waiting_for_input(self, task_id: str) -> bool:
+        run = self._runs.get(task_id)
+        return run is not None and run.pending is not None and not run.ended
+
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
-        call = context.call_context.state.get(_CALL)
         task_id, context_id = context.task_id or "", context.context_id or ""
-        if not isinstance(call, _Call) or not task_id:
-            raise InvalidParamsError(message="the gateway could not read this message's call")
         updater = TaskUpdater(event_queue, task_id, context_id)
+        run = self._runs.get(task_id)
+        if run is not None and run.pending is not None and context.current_task is not None:
+            answer, run.pending, run.parked = run.pending, None, False
+            message = context.message
+            try:
+                answer(parts_value(message.parts) if message is not None else None)
+            except (ZlinkError, cf.InvalidStateError) as exc:  # the task ended meanwhile: its end item follows
+                log.info("task %s: answer not delivered: %s", task_id, type(exc).__name__)
+            await updater.start_work()
+            await self._follow(task_id, run, updater)
+            return
+        call = context.call_context.state.get(_CALL)
+        if not isinstance(call, _Call) or not task_id or context.current_task is not None:
+            raise InvalidParamsError(message="the gateway could not read this message's call")
+        loop = asyncio.get_running_loop()
         handle: TaskFuture | TaskStream | None = None
         error: Exception | None = None
+        on_question = None if call.stream else self._question_thread(task_id, loop)
         try:
-            handle = await self._gw._start(call)
+            handle = await self._gw._start(call, on_question)
         except (ZlinkError, ValueError, TypeError) as exc:
             error = exc
         future = None if handle is None else handle.future if isinstance(handle, TaskStream) else handle
+        new_run = None if future is None else _Run(future)
+        if new_run is not None:  # before any await: a skill may ask its question at once
+            self._runs[task_id] = new_run
         meta: dict[str, Any] = {"skill": call.skill}
         if future is not None:
             meta["zlink_task_id"] = future.task_id
@@ -314,19 +361,39 @@ class _Executor(AgentExecutor):
         await event_queue.enqueue_event(
             Task(id=task_id, context_id=context_id, status=status, history=history, metadata=meta)
         )
-        if future is None:
+        if handle is None or future is None or new_run is None:
             log.info("task %s (%s): not submitted: %s", task_id, call.skill, type(error).__name__)
             await updater.failed(_agent_message(updater, f"not submitted: {error}"))
             return
-        run = self._runs[task_id] = _Run(future)
+        run = new_run
+        if isinstance(handle, TaskStream):
+            self._pump(handle, run, loop)
+        else:
+            future.add_done_callback(lambda _f: _put(loop, run, None))
         log.info("task %s: %s as zlink task %s", task_id, call.skill, future.task_id)
+        await updater.start_work()
+        await self._follow(task_id, run, updater)
+
+    async def _follow(self, task_id: str, run: _Run, updater: TaskUpdater) -> None:
+        """Relay what the zlink task produces until it ends, or until it asks a question (then park)."""
+        future = run.future
         try:
-            await updater.start_work()
-            if isinstance(handle, TaskStream):
-                result = await self._stream(handle, updater)
-            else:
-                result = await asyncio.wrap_future(future)
+            while (item := await run.items.get()) is not None:
+                if item[0] == "question":
+                    run.pending, run.parked = item[2], True  # type: ignore[misc]
+                    log.info("task %s: input required", task_id)
+                    question = updater.new_agent_message(
+                        [Part(text=_question_text(item[1]), media_type="text/plain"), *value_parts(item[1])]
+                    )
+                    await updater.requires_input(question)
+                    return  # the client's next message answers it (a new execute call)
+                await updater.add_artifact(
+                    value_parts(item[1]), artifact_id="partials", name="partials", append=run.sent > 0
+                )
+                run.sent += 1
+            result = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
+            run.parked = False
             future.cancel()
             raise
         except TaskCancelled as exc:
@@ -337,7 +404,7 @@ class _Executor(AgentExecutor):
             if not run.ended:
                 run.ended = True
                 text = f"{exc.remote_type}: {exc.remote_message}" if isinstance(exc, RemoteError) else str(exc)
-                log.info("task %s (%s): failed: %s", task_id, call.skill, type(exc).__name__)
+                log.info("task %s: failed: %s", task_id, type(exc).__name__)
                 await updater.failed(_agent_message(updater, text))
         else:
             if not run.ended:
@@ -345,44 +412,47 @@ class _Executor(AgentExecutor):
                 await updater.add_artifact(value_parts(result), artifact_id="result", name="result", last_chunk=True)
                 await updater.complete()
         finally:
-            self._runs.pop(task_id, None)
-            if not future.done():
-                future.cancel()
+            if not run.parked:
+                self._runs.pop(task_id, None)
+                if not future.done():
+                    future.cancel()
 
-    async def _stream(self, stream: TaskStream, updater: TaskUpdater) -> Any:
-        """Relay a generator skill's partial results as chunks of the artifact "partials"; returns the result.
+    def _question_thread(self, task_id: str, loop: asyncio.AbstractEventLoop) -> Callable[[Any], Any]:
+        """submit's on_question: runs on a thread of its own and waits there until the client answers."""
 
-        The TaskStream blocks, so a thread per streaming task reads it and hands
-        each value to the event loop; it ends when the task does.
-        """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[Any] | None] = asyncio.Queue()
-
-        def put(item: tuple[Any] | None) -> None:
+        def ask(value: Any) -> Any:
+            run = self._runs.get(task_id)
+            if run is None or run.future.done():
+                return {"error": "the task ended"}
+            answer: cf.Future[Any] = cf.Future()
+            run.waiting.add(answer)
+            run.future.add_done_callback(lambda _f: answer.cancel())  # the task ended: stop waiting
+            _put(loop, run, ("question", value, answer.set_result))
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop closed (gateway shutting down)
-                pass
+                return answer.result()
+            except cf.CancelledError:
+                return {"error": "the task ended before the A2A client answered"}
+            finally:
+                run.waiting.discard(answer)
+
+        return ask
+
+    def _pump(self, stream: TaskStream, run: _Run, loop: asyncio.AbstractEventLoop) -> None:
+        """A TaskStream blocks: a thread per streaming task reads it and hands each item to the event loop."""
 
         def pump() -> None:
             try:
                 for value in stream:
-                    put((value,))
-            except BaseException:  # the task's error: read from its future below
+                    if isinstance(value, Question):
+                        _put(loop, run, ("question", value.value, value.answer))
+                    else:
+                        _put(loop, run, ("partial", value))
+            except BaseException:  # the task's error: read from its future
                 pass
             finally:
-                put(None)
+                _put(loop, run, None)
 
         threading.Thread(target=pump, name="zlink-a2a-stream", daemon=True).start()
-        sent = 0
-        while (item := await queue.get()) is not None:
-            value = item[0]
-            if isinstance(value, Question):  # multi-turn skills are not bridged (docs/a2a.md)
-                value.answer({"error": "the A2A gateway cannot answer a skill's questions"})
-                continue
-            await updater.add_artifact(value_parts(value), artifact_id="partials", name="partials", append=sent > 0)
-            sent += 1
-        return await asyncio.wrap_future(stream.future)
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         task_id = context.task_id or ""
@@ -390,10 +460,40 @@ class _Executor(AgentExecutor):
         if run is None or run.ended:
             return  # finished meanwhile: the SDK closes it out
         run.ended = True
+        updater = TaskUpdater(event_queue, task_id, context.context_id or "")
+        if run.parked:  # nobody reads its items now: this is its last word
+            self._runs.pop(task_id, None)
+            run.parked = False
+            outcome = _outcome(run.future)
+            if outcome is not None:  # it ended while waiting for input (its timeout passed...)
+                await updater.failed(_agent_message(updater, outcome))
+                return
         run.future.cancel()
         log.info("task %s: cancelled by the A2A client", task_id)
-        updater = TaskUpdater(event_queue, task_id, context.context_id or "")
         await updater.cancel(_agent_message(updater, "cancelled by the client"))
+
+    def parked_and_over(self) -> list[str]:
+        """Tasks waiting for input whose zlink task ended meanwhile (e.g. its timeout): the sweeper closes them."""
+        return [tid for tid, run in self._runs.items() if run.parked and not run.ended and run.future.done()]
+
+
+def _outcome(future: TaskFuture) -> str | None:
+    """Why a finished zlink task ended, as the A2A task's failure message (None while it runs)."""
+    if not future.done():
+        return None
+    if future.cancelled():
+        return "cancelled"
+    exc = future.exception()
+    if exc is None:
+        return "it finished while waiting for input"
+    return f"{exc.remote_type}: {exc.remote_message}" if isinstance(exc, RemoteError) else str(exc)
+
+
+def _put(loop: asyncio.AbstractEventLoop, run: _Run, item: _Item) -> None:
+    try:
+        loop.call_soon_threadsafe(run.items.put_nowait, item)
+    except RuntimeError:  # the loop closed (gateway shutting down)
+        pass
 
 
 class _Handler(DefaultRequestHandler):
@@ -591,6 +691,8 @@ class Gateway:
         self._skills_at = -math.inf
         self._status_lock: asyncio.Lock | None = None
         self._server: Any = None
+        self._executor: _Executor | None = None
+        self._handler: _Handler | None = None
         self.url = self.public_url or f"{'https' if self.tls else 'http'}://{_url_host(self.host)}:{self.port}"
 
     # ------------------------------------------------------------------ zlink side
@@ -623,8 +725,11 @@ class Gateway:
         """Check a message and record its call in the request context; InvalidParamsError says what is wrong."""
         validate_proto_required_fields(params)
         if params.message.task_id:
+            if self._executor is not None and self._executor.waiting_for_input(params.message.task_id):
+                return  # the answer to the skill's question
             raise InvalidParamsError(
-                message="each message runs one new zlink task: send it without a taskId (a contextId groups tasks)"
+                message="each message runs one new zlink task: send it without a taskId (a contextId groups "
+                "tasks), unless the task is input-required (then the message answers its question)"
             )
         try:
             request_meta = struct_dict(params.metadata) if params.HasField("metadata") else None
@@ -645,14 +750,14 @@ class Gateway:
             limit = min(limit, float(timeout))
         context.state[_CALL] = _Call(skill, args, kwargs, limit, stream)
 
-    async def _start(self, call: _Call) -> TaskFuture | TaskStream:
+    async def _start(self, call: _Call, on_question: Callable[[Any], Any] | None) -> TaskFuture | TaskStream:
         """Submit a call, waiting for room under the broker's per-client bound without blocking the loop."""
         client = self.connect()
         while not client.has_room():
             await asyncio.get_running_loop().run_in_executor(None, client.wait_room, 1.0)
-        if call.stream:
+        if call.stream:  # questions come in the stream
             return client.stream(call.skill, *call.args, timeout=call.timeout, **call.kwargs)
-        return client.submit(call.skill, *call.args, timeout=call.timeout, **call.kwargs)
+        return client.submit(call.skill, *call.args, timeout=call.timeout, on_question=on_question, **call.kwargs)
 
     # ------------------------------------------------------------------ A2A side
 
@@ -671,7 +776,8 @@ class Gateway:
         """The ASGI application: the agent card, JSON-RPC at ``/``, HTTP+JSON under ``/rest``."""
         # the SDK wants a complete card up front (one skill at least); every request gets card() instead
         first = build_card(url=self.url, skills={"-": {}}, name=self.name, auth=self.token is not None)
-        handler = _Handler(self, agent_executor=_Executor(self), task_store=self.store, agent_card=first)
+        self._executor = _Executor(self)
+        handler = self._handler = _Handler(self, agent_executor=self._executor, task_store=self.store, agent_card=first)
         routes: list[Any] = [
             *create_agent_card_routes(first, card_modifier=self.card, cache_control="no-cache"),
             *create_jsonrpc_routes(handler, rpc_url="/"),
@@ -691,12 +797,22 @@ class Gateway:
         return _Guard(Starlette(routes=routes, lifespan=lifespan), self.token)
 
     async def _sweep_forever(self) -> None:
-        period = max(0.5, min(5.0, self.store.ttl / 4))
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(1.0)
             gone = await self.store.sweep(force=True)
             if gone:
                 log.debug("forgot %d finished task(s)", gone)
+            await self._close_abandoned()
+
+    async def _close_abandoned(self) -> None:
+        """Fail the tasks that waited for input until their zlink task ended (its timeout passed)."""
+        if self._executor is None or self._handler is None:
+            return
+        for task_id in self._executor.parked_and_over():
+            try:  # the SDK's cancel path: our executor writes the failure (see _Executor.cancel)
+                await self._handler.on_cancel_task(CancelTaskRequest(id=task_id), ServerCallContext())
+            except A2AError as exc:
+                log.info("task %s: could not close: %s", task_id, type(exc).__name__)
 
     # ------------------------------------------------------------------ serving
 
