@@ -51,3 +51,10 @@ async def nap(seconds: float = 30.0) -> str:
 @zlink.skill()
 def fail(message: str = "boom") -> None:
     raise ValueError(message)
+
+
+@zlink.skill()
+def plan(city: str) -> str:
+    """A multi-turn skill: asks its caller a question (A2A: input-required), then answers."""
+    days = zlink.current_task().ask("how many days?")
+    return f"{days} days in {city}"

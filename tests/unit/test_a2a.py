@@ -238,7 +238,9 @@ class FakeClient:
     def wait_room(self, timeout: float | None = None) -> bool:
         return True
 
-    def submit(self, skill: str, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> _Future:
+    def submit(
+        self, skill: str, /, *args: Any, timeout: float | None = None, on_question: Any = None, **kwargs: Any
+    ) -> _Future:
         self.calls.append((skill, args, kwargs))
         fut = _Future()
         self.futures.append(fut)

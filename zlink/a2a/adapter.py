@@ -301,7 +301,8 @@ class RemoteAgent:
                 if answer.message is not None or answer.state != TaskState.TASK_STATE_INPUT_REQUIRED:
                     break
                 # the agent asks a question: the zlink client that submitted the task answers it
-                reply = await current_task().ask(answer.status_text())
+                asked = answer.task.status.message.parts
+                reply = await current_task().ask(parts_value(asked) if asked else "the agent needs input")
                 parts, _ = call_message_fields([reply], {})
                 message = Message(
                     role=Role.ROLE_USER, message_id=uuid.uuid4().hex, parts=parts,

@@ -286,10 +286,11 @@ class _Run:
     task) is the answer.
     """
 
-    __slots__ = ("ended", "future", "items", "parked", "pending", "sent", "waiting")
+    __slots__ = ("ended", "future", "items", "parked", "pending", "sent", "streamed", "waiting")
 
-    def __init__(self, future: TaskFuture) -> None:
-        self.future = future
+    def __init__(self, streamed: bool) -> None:
+        self.streamed = streamed  # a TaskStream, read by a thread that also puts the end item
+        self.future: TaskFuture | None = None  # set once submitted
         self.items: asyncio.Queue[_Item] = asyncio.Queue()
         self.sent = 0  # partial results relayed so far
         self.ended = False  # the A2A task's final state is written (or being written)
@@ -300,10 +301,6 @@ class _Run:
 
 def _agent_message(updater: TaskUpdater, text: str) -> Message:
     return updater.new_agent_message([Part(text=text, media_type="text/plain")])
-
-
-def _question_text(value: Any) -> str:
-    return value if isinstance(value, str) else "the skill asks a question (in the parts of this message)"
 
 
 class _Executor(AgentExecutor):
@@ -337,21 +334,28 @@ class _Executor(AgentExecutor):
             await updater.start_work()
             await self._follow(task_id, run, updater)
             return
+        if context.current_task is not None:  # a second answer raced the first: nothing waits for it
+            log.info("task %s: a message for a question already answered", task_id)
+            return
         call = context.call_context.state.get(_CALL)
-        if not isinstance(call, _Call) or not task_id or context.current_task is not None:
+        if not isinstance(call, _Call) or not task_id:
             raise InvalidParamsError(message="the gateway could not read this message's call")
         loop = asyncio.get_running_loop()
         handle: TaskFuture | TaskStream | None = None
         error: Exception | None = None
-        on_question = None if call.stream else self._question_thread(task_id, loop)
+        # registered before the submit: the skill's first question may come before submit() returns here
+        run = self._runs[task_id] = _Run(call.stream)
+        on_question = None if call.stream else self._question_thread(run, loop)
         try:
             handle = await self._gw._start(call, on_question)
         except (ZlinkError, ValueError, TypeError) as exc:
             error = exc
         future = None if handle is None else handle.future if isinstance(handle, TaskStream) else handle
-        new_run = None if future is None else _Run(future)
-        if new_run is not None:  # before any await: a skill may ask its question at once
-            self._runs[task_id] = new_run
+        run.future = future
+        if future is not None:
+            future.add_done_callback(lambda _f: _ended(loop, run))
+        else:
+            self._runs.pop(task_id, None)
         meta: dict[str, Any] = {"skill": call.skill}
         if future is not None:
             meta["zlink_task_id"] = future.task_id
@@ -361,15 +365,12 @@ class _Executor(AgentExecutor):
         await event_queue.enqueue_event(
             Task(id=task_id, context_id=context_id, status=status, history=history, metadata=meta)
         )
-        if handle is None or future is None or new_run is None:
+        if handle is None or future is None:
             log.info("task %s (%s): not submitted: %s", task_id, call.skill, type(error).__name__)
             await updater.failed(_agent_message(updater, f"not submitted: {error}"))
             return
-        run = new_run
         if isinstance(handle, TaskStream):
-            self._pump(handle, run, loop)
-        else:
-            future.add_done_callback(lambda _f: _put(loop, run, None))
+            self._pump(handle, run, loop)  # its thread puts the end item after the last partial
         log.info("task %s: %s as zlink task %s", task_id, call.skill, future.task_id)
         await updater.start_work()
         await self._follow(task_id, run, updater)
@@ -377,15 +378,13 @@ class _Executor(AgentExecutor):
     async def _follow(self, task_id: str, run: _Run, updater: TaskUpdater) -> None:
         """Relay what the zlink task produces until it ends, or until it asks a question (then park)."""
         future = run.future
+        assert future is not None
         try:
             while (item := await run.items.get()) is not None:
-                if item[0] == "question":
-                    run.pending, run.parked = item[2], True  # type: ignore[misc]
+                if len(item) == 3:  # a question
+                    run.pending, run.parked = item[2], True
                     log.info("task %s: input required", task_id)
-                    question = updater.new_agent_message(
-                        [Part(text=_question_text(item[1]), media_type="text/plain"), *value_parts(item[1])]
-                    )
-                    await updater.requires_input(question)
+                    await updater.requires_input(updater.new_agent_message(value_parts(item[1])))
                     return  # the client's next message answers it (a new execute call)
                 await updater.add_artifact(
                     value_parts(item[1]), artifact_id="partials", name="partials", append=run.sent > 0
@@ -417,16 +416,14 @@ class _Executor(AgentExecutor):
                 if not future.done():
                     future.cancel()
 
-    def _question_thread(self, task_id: str, loop: asyncio.AbstractEventLoop) -> Callable[[Any], Any]:
+    def _question_thread(self, run: _Run, loop: asyncio.AbstractEventLoop) -> Callable[[Any], Any]:
         """submit's on_question: runs on a thread of its own and waits there until the client answers."""
 
         def ask(value: Any) -> Any:
-            run = self._runs.get(task_id)
-            if run is None or run.future.done():
-                return {"error": "the task ended"}
             answer: cf.Future[Any] = cf.Future()
             run.waiting.add(answer)
-            run.future.add_done_callback(lambda _f: answer.cancel())  # the task ended: stop waiting
+            if run.future is not None and run.future.done():
+                answer.cancel()  # ended before we could wait (the done callback may have run already)
             _put(loop, run, ("question", value, answer.set_result))
             try:
                 return answer.result()
@@ -464,17 +461,21 @@ class _Executor(AgentExecutor):
         if run.parked:  # nobody reads its items now: this is its last word
             self._runs.pop(task_id, None)
             run.parked = False
-            outcome = _outcome(run.future)
+            outcome = None if run.future is None else _outcome(run.future)
             if outcome is not None:  # it ended while waiting for input (its timeout passed...)
                 await updater.failed(_agent_message(updater, outcome))
                 return
-        run.future.cancel()
+        if run.future is not None:
+            run.future.cancel()
         log.info("task %s: cancelled by the A2A client", task_id)
         await updater.cancel(_agent_message(updater, "cancelled by the client"))
 
     def parked_and_over(self) -> list[str]:
         """Tasks waiting for input whose zlink task ended meanwhile (e.g. its timeout): the sweeper closes them."""
-        return [tid for tid, run in self._runs.items() if run.parked and not run.ended and run.future.done()]
+        return [
+            tid for tid, run in self._runs.items()
+            if run.parked and not run.ended and run.future is not None and run.future.done()
+        ]  # fmt: skip
 
 
 def _outcome(future: TaskFuture) -> str | None:
@@ -487,6 +488,14 @@ def _outcome(future: TaskFuture) -> str | None:
     if exc is None:
         return "it finished while waiting for input"
     return f"{exc.remote_type}: {exc.remote_message}" if isinstance(exc, RemoteError) else str(exc)
+
+
+def _ended(loop: asyncio.AbstractEventLoop, run: _Run) -> None:
+    """The zlink task ended (any thread): stop waiting for answers; a submitted task's items end here."""
+    for answer in list(run.waiting):
+        answer.cancel()
+    if not run.streamed:
+        _put(loop, run, None)
 
 
 def _put(loop: asyncio.AbstractEventLoop, run: _Run, item: _Item) -> None:
