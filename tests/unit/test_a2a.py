@@ -140,7 +140,7 @@ def test_card_is_complete_and_declares_auth_and_the_zmq_binding() -> None:
         "bare": {},
         "odd": {"description": 5, "tags": "x", "examples": [1, "ok"], "output_modes": [None]},
     }
-    card = build_card(url="http://h:1/", skills=skills, zmq_url="tcp://h:7700")
+    card = build_card(url="http://h:1/", skills=skills, zmq_urls=["tcp://h:7700", "tcp://h2:7700"])
     validate_proto_required_fields(card)  # every field A2A requires is there
     by_id = {s.id: s for s in card.skills}
     assert by_id["greet"].description == "Say hello" and list(by_id["greet"].input_modes) == ["text/plain"]
@@ -148,6 +148,7 @@ def test_card_is_complete_and_declares_auth_and_the_zmq_binding() -> None:
     assert list(by_id["odd"].examples) == ["ok"] and not by_id["odd"].output_modes
     assert [(i.protocol_binding, i.url) for i in card.supported_interfaces] == [
         ("JSONRPC", "http://h:1/"), ("HTTP+JSON", "http://h:1/rest"), (BINDING_URI, "tcp://h:7700"),
+        (BINDING_URI, "tcp://h2:7700"),
     ]  # fmt: skip
     assert card.security_schemes["bearer"].http_auth_security_scheme.scheme == "Bearer"
     assert "bearer" in card.security_requirements[0].schemes

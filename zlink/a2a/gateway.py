@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
@@ -145,9 +145,12 @@ def build_card(
     description: str | None = None,
     auth: bool = True,
     rest: bool = True,
-    zmq_url: str | None = None,
+    zmq_urls: Sequence[str] = (),
 ) -> AgentCard:
-    """The agent card of a gateway at ``url`` (its base URL) serving ``skills``."""
+    """The agent card of a gateway at ``url`` (its base URL) serving ``skills``.
+
+    ``zmq_urls`` are the swarm's brokers, listed as zlink's own binding.
+    """
     base = url.rstrip("/")
     interfaces = [
         AgentInterface(url=f"{base}/", protocol_binding=TransportProtocol.JSONRPC, protocol_version="1.0"),
@@ -156,7 +159,7 @@ def build_card(
         interfaces.append(
             AgentInterface(url=f"{base}/rest", protocol_binding=TransportProtocol.HTTP_JSON, protocol_version="1.0")
         )
-    if zmq_url:  # zlink's own transport, for peers that hold a join string (A2A spec 5.8)
+    for zmq_url in zmq_urls:  # zlink's own transport, for peers that hold a join string (A2A spec 5.8)
         interfaces.append(AgentInterface(url=zmq_url, protocol_binding=BINDING_URI, protocol_version="1.0"))
     card = AgentCard(
         name=name,
@@ -773,12 +776,10 @@ class Gateway:
     async def card(self, _base: AgentCard | None = None) -> AgentCard:
         """The agent card as of now: the skills of the live nodes."""
         skills = await self._swarm()
-        zmq_url = None
-        if self.advertise_zmq and self.client is not None and self.client.join.endpoints:
-            zmq_url = self.client.join.endpoints[0]
+        zmq_urls = self.client.join.endpoints if self.advertise_zmq and self.client is not None else ()
         return build_card(
             url=self.url, skills=skills or {}, name=self.name, description=self.description,
-            auth=self.token is not None, rest=self.rest, zmq_url=zmq_url,
+            auth=self.token is not None, rest=self.rest, zmq_urls=zmq_urls,
         )  # fmt: skip
 
     def app(self) -> ASGIApp:
