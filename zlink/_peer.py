@@ -491,9 +491,8 @@ class PeerLink(ABC):
                                 self._auth_failed()
                         elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                             handshake_failures = 0
-                        elif kind == zmq.EVENT_DISCONNECTED and self._failover and self.welcome is not None:
-                            # the broker's process or host closed the connection: do not wait for its beacons
-                            self._switch_broker("its connection closed")
+                        elif kind == zmq.EVENT_DISCONNECTED and self.welcome is not None:
+                            self.on_disconnected()
                 self.on_poll()
                 now = time.monotonic()
                 if now >= next_tick:
@@ -564,9 +563,15 @@ class PeerLink(ABC):
             self._hello_backoff = min(5.0, self._hello_backoff * 1.5) * random.uniform(0.9, 1.1)
             self._send_hello()
 
+    def on_disconnected(self) -> None:
+        """The broker's process or host closed the connection (I/O thread): a client with other
+        brokers moves on at once rather than waiting for the beacons to stop."""
+        if self._failover:
+            self._switch_broker("its connection closed")
+
     def _switch_broker(self, why: str) -> None:
         """Move to the next broker of the join string (I/O thread); unresolved work follows on its WELCOME."""
-        eps = list(dict.fromkeys(self.join.endpoints))
+        eps = sorted(set(self.join.endpoints))  # one order for every peer: nodes hand over to the same broker
         old = self.endpoint
         new = eps[(eps.index(old) + 1) % len(eps)] if old in eps else eps[0]
         log.warning("broker %s lost (%s): moving to %s", old, why, new)

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import contextvars
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -389,7 +390,9 @@ class _BrokerLink(PeerLink):
 
     def hello(self) -> P.Hello:
         node = self.node
-        self._credit_sent = self._credit()
+        # a HELLO offers at least one slot (the broker's rule); if the other brokers' tasks hold
+        # every slot, a CREDIT of 0 follows on the next tick
+        self._credit_sent = max(1, self._credit())
         return P.Hello(
             name=self.name, role="node", session=self.session,
             skills={n: s.wire() for n, s in node.skills.items()},
@@ -476,6 +479,15 @@ class _BrokerLink(PeerLink):
             if credit != self._credit_sent and (credit == 0 or self._credit_sent == 0 or now - self._credit_t > 0.1):
                 self._credit_sent, self._credit_t = credit, now
                 self._post(P.Credit(slots=credit))
+
+    def on_disconnected(self) -> None:
+        if len(self.node._links) > 1:  # the broker closed the connection: hand its tasks over now
+            self.welcome = None
+            self.on_broker_lost()
+
+    def on_broker_lost(self) -> None:
+        if len(self.node._links) > 1:
+            self.node._hand_over(self)
 
     def _post_drain(self) -> None:
         if self.welcome is not None:
@@ -875,6 +887,50 @@ class Node(_BrokerLink):
             f"could not reach any broker at {', '.join(self.join.endpoints)} within {self.connect_timeout:g} s "
             "(are they running, and are the ports reachable?)"
         )
+
+    def _hand_over(self, lost: _BrokerLink) -> None:
+        """``lost``'s broker is gone: the tasks it sent, and their results, go to the next live broker.
+
+        That broker adopts them from the HELLO sent here, so the resubmissions of
+        their clients (who move to the same broker: both take the brokers in
+        endpoint order) attach to the running attempt instead of starting another.
+        """
+        order = sorted(self._links, key=lambda link: link.endpoint)
+        i = order.index(lost)
+        live = [link for link in order[i + 1 :] + order[:i] if link.welcome is not None and not link.closed]
+        if not live:
+            return  # no broker at all: everything stays for when this one comes back
+        target = live[0]
+        with contextlib.suppress(ZlinkError):  # on the target's I/O thread: its HELLO must precede the results
+            target.call_soon(functools.partial(self._take_over, lost, target))
+
+    def _take_over(self, lost: _BrokerLink, target: _BrokerLink) -> None:
+        """Move ``lost``'s tasks and results to ``target`` and say HELLO there (``target``'s I/O thread).
+
+        The HELLO goes out before any of the moved results (this thread sends
+        results only after its calls): a result of a task the broker has not
+        adopted yet would be dropped as stale.
+        """
+        if lost.welcome is not None:
+            return  # it came back meanwhile
+        with self._route_lock:
+            if not (lost._running or lost._unacked or lost._done):
+                return
+            for tid, ctx in lost._running.items():
+                ctx._node = target
+                target._running[tid] = ctx
+            for tid, rec in lost._unacked.items():
+                target._unacked[tid] = rec  # listed in the HELLO, and sent again below
+                target._done.append((tid, *rec))
+            target._done.extend(lost._done)
+            target._batch_runs.update(lost._batch_runs)
+            moved = len(lost._running) + len(lost._unacked)
+            lost._running.clear()
+            lost._unacked.clear()
+            lost._done.clear()
+            lost._batch_runs.clear()
+        log.warning("broker %s lost: its %d task(s) handed to %s", lost.endpoint, moved, target.endpoint)
+        target._send_hello()
 
     def _claim(self, tid: bytes, link: _BrokerLink) -> TaskContext | None:
         """A task ``link``'s broker sent that another link's broker sent first: it now answers through ``link``."""

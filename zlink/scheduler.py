@@ -233,11 +233,12 @@ class Node(Peer):
 
 
 class Client(Peer):
-    __slots__ = ("tasks",)
+    __slots__ = ("joined", "tasks")
 
     def __init__(self, *a: Any) -> None:
         super().__init__(*a)
         self.tasks: set[bytes] = set()
+        self.joined = self.last_seen
 
 
 class Task:
@@ -361,11 +362,15 @@ class Scheduler:
         #: (tid, attempt, node session) -> cancelled task whose node still runs it:
         #: its keys stay held until the node answers or dies
         self.key_zombies: dict[tuple[bytes, int, bytes], Task] = {}
-        #: resubmitted tasks held for the first node timeout after this broker
-        #: started, while nodes of a previous broker come back (see _on_submit)
+        #: resubmitted tasks this broker never saw, held for a node timeout while the node
+        #: that may run them comes back: after this broker started (nodes of the previous
+        #: one re-register), or after their client arrived from a broker that died (nodes
+        #: hand that broker's tasks to this one); see _on_submit
         self._held: list[Task] = []
+        self._held_until = 0.0
         # nodes notice a new broker from its beacon (one interval) and say HELLO
-        self._restart_grace_end = now + self.config.node_timeout + 2 * self.config.heartbeat_interval
+        self._grace = self.config.node_timeout + 2 * self.config.heartbeat_interval
+        self._restart_grace_end = now + self._grace
         self._now = now
         self._last_tick = now
 
@@ -396,7 +401,7 @@ class Scheduler:
         """When the next :class:`Tick` is due (deadlines, liveness checks)."""
         soon = self._last_tick + self.config.heartbeat_interval / 4
         if self._held:
-            soon = min(soon, self._restart_grace_end)
+            soon = min(soon, self._held_until)
         while self.deadlines and self.deadlines[0][1] not in self.tasks:
             heapq.heappop(self.deadlines)
         if self.deadlines:
@@ -632,7 +637,9 @@ class Scheduler:
         held = self.key_tasks.get(key, 0)
         rate = cfg.max_submit_rate
         bucket: list[float] | None = None
-        if rate > 0 and not (msg.resubmit and now < self._restart_grace_end):
+        # a new broker's (or a failed-over client's) resubmissions are not new work: no rate limit
+        grace_end = max(self._restart_grace_end, client.joined + self._grace)
+        if rate > 0 and not (msg.resubmit and now < grace_end):
             # headroom over the clients' own pacing (one second's burst at the nominal
             # rate): their bucket starts a round trip earlier than ours, and messages jitter
             headroom = cfg.rate_headroom
@@ -689,11 +696,13 @@ class Scheduler:
                     continue
             if spec.timeout is not None:
                 heapq.heappush(self.deadlines, (deadline, tid))
-            if msg.resubmit and now < self._restart_grace_end:
-                # a young broker: the node that ran this task under the previous
-                # broker may not have re-registered yet; give it the chance to
-                # adopt it (no second run) before dispatching it anywhere
+            if msg.resubmit and now < grace_end:
+                # a young broker, or a client that moved here from a broker that died: the
+                # node that ran this task may not have re-registered (or handed over that
+                # broker's tasks) yet; give it the chance to adopt it (no second run)
+                # before dispatching it anywhere
                 self._held.append(task)
+                self._held_until = max(self._held_until, grace_end)
                 continue
             if spec.reads or spec.writes:
                 self._gate(task)
@@ -993,7 +1002,7 @@ class Scheduler:
     def _on_tick(self) -> None:
         now = self._last_tick = self._now
         self._ack_all = True
-        if self._held and now >= self._restart_grace_end:
+        if self._held and now >= self._held_until:
             self._release_held()
         dl = self.deadlines
         while dl and dl[0][0] <= now:
