@@ -725,14 +725,15 @@ def _fetch_status(join: str | None, connect_timeout: float) -> dict[str, Any]:
 
     def run() -> dict[str, Any]:
         with Client(join, connect_timeout=connect_timeout) as c:
-            return c.status()
+            return {**c.status(), "endpoint": c.endpoint}  # which broker answered (a swarm may have several)
 
     st: dict[str, Any] = _run_guarded(run)
     return st
 
 
 def render_status(st: dict[str, Any]) -> str:
-    lines = [f"broker epoch {st['epoch']}  up {st['uptime']:.0f} s  clients {st['clients']}  running {st['running']}"]
+    where = f"broker {st['endpoint']}  " if st.get("endpoint") else "broker "
+    lines = [f"{where}epoch {st['epoch']}  up {st['uptime']:.0f} s  clients {st['clients']}  running {st['running']}"]
     nodes = st["nodes"]
     lines.append(f"nodes ({len(nodes)}):")
     if nodes:

@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import stat
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -444,11 +445,23 @@ class BrokerHome:
         created = False
         if not self.secret_file.exists():
             keys = generate_keypair()
-            write_cert(self.secret_file, keys, metadata={"name": "broker"}, secret=True)
-            if self.public_file.exists():
-                self.public_file.unlink()
-            write_cert(self.public_file, KeyPair(keys.public), metadata={"name": "broker"})
-            created = True
+            try:
+                write_cert(self.secret_file, keys, metadata={"name": "broker"}, secret=True)
+            except ConfigError:
+                if not self.secret_file.exists():
+                    raise
+                # another broker of this swarm started from this home at the same moment and
+                # created the keys first: all of them use those
+            else:
+                if self.public_file.exists():
+                    self.public_file.unlink()
+                write_cert(self.public_file, KeyPair(keys.public), metadata={"name": "broker"})
+                created = True
+        for _ in range(50):  # a key being written by a broker starting beside us is complete in a moment
+            try:
+                return load_keypair(self.secret_file), created
+            except ConfigError:
+                time.sleep(0.02)
         return load_keypair(self.secret_file), created
 
     def keys(self) -> KeyPair:
