@@ -425,6 +425,11 @@ def test_fetch_card_errors_are_zlink_errors() -> None:
         port = s.getsockname()[1]  # bound, not listening: connections are refused
         with pytest.raises(ConnectError, match="cannot"):
             fetch_card(f"http://127.0.0.1:{port}/.well-known/agent-card.json", timeout=2)
+    with socket.socket() as s:  # listening, never answering: the card's read times out
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ConnectError, match="cannot"):
+            fetch_card(f"http://127.0.0.1:{s.getsockname()[1]}", timeout=0.3)
 
 
 # --------------------------------------------------------------------------- zero-log and the optional dependency

@@ -104,11 +104,11 @@ class _Bearer(httpx.Auth):
         yield request
 
 
-def _http(url: str, token: str | None, timeout: float) -> httpx.AsyncClient:
-    # no read timeout: an answer takes as long as the task; the zlink task's own timeout bounds it
-    return httpx.AsyncClient(
-        auth=_Bearer(token, url) if token else None, timeout=httpx.Timeout(timeout, read=None), follow_redirects=False
-    )
+def _http(url: str, token: str | None, timeout: float, *, answers: bool = False) -> httpx.AsyncClient:
+    """An HTTP client for the agent; ``answers``: no read timeout, as an answer takes as long as its
+    task (the zlink task's own timeout bounds it)."""
+    limits = httpx.Timeout(timeout, read=None) if answers else httpx.Timeout(timeout)
+    return httpx.AsyncClient(auth=_Bearer(token, url) if token else None, timeout=limits, follow_redirects=False)
 
 
 def _run_sync(make: Callable[[], Any]) -> Any:
@@ -247,8 +247,8 @@ class RemoteAgent:
         self._timeout = timeout
         self._clients: dict[asyncio.AbstractEventLoop, A2AClient] = {}
 
-    def _new_client(self) -> tuple[A2AClient, httpx.AsyncClient]:
-        http = _http(self.url, self._token, self._timeout)
+    def _new_client(self, *, answers: bool = True) -> tuple[A2AClient, httpx.AsyncClient]:
+        http = _http(self.url, self._token, self._timeout, answers=answers)
         config = ClientConfig(
             streaming=self.card.capabilities.streaming,
             httpx_client=http,
@@ -273,7 +273,7 @@ class RemoteAgent:
         this catches a wrong ``--a2a-token`` when the node starts, not at its
         first task. ConfigError when refused, ConnectError when unreachable.
         """
-        client, http = self._new_client()
+        client, http = self._new_client(answers=False)
         try:
             await client.get_task(GetTaskRequest(id=f"zlink-token-check-{uuid.uuid4().hex}"))
         except (A2AError, httpx.HTTPError) as exc:
