@@ -609,6 +609,13 @@ def parse_http(text: str) -> tuple[str, int]:
     return host, port
 
 
+def _some(names: Mapping[str, Any] | None, limit: int = 50) -> str:
+    """Skill names for an error message, at most ``limit`` of them."""
+    listed = list(names or ())
+    more = f" and {len(listed) - limit} more" if len(listed) > limit else ""
+    return ", ".join(listed[:limit]) + more
+
+
 def _url_host(host: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         host = default_host()
@@ -750,10 +757,10 @@ class Gateway:
             raise InvalidParamsError(message=str(exc)) from None
         live = await self._swarm()
         if skill is None:
-            names = ", ".join(live or ()) or "none live"
+            names = _some(live) or "none live"
             raise InvalidParamsError(message=f"name a zlink skill in the message metadata 'skill' ({names})")
         if live is not None and skill not in live:
-            names = ", ".join(live) or "none"
+            names = _some(live) or "none"
             raise InvalidParamsError(message=f"no node offers the skill {skill!r} (live skills: {names})")
         limit = self.task_timeout
         if timeout is not None:
