@@ -7,8 +7,9 @@
   agent's skills into zlink skills that a node serves.
 
 Both are built on the official ``a2a-sdk`` package, which zlink does not need
-otherwise: install it with ``pip install 'zlink[a2a]'``. Importing this package
-without it raises :class:`~zlink.ConfigError` saying so.
+otherwise: install it with ``pip install 'zlink[a2a]'``. Without it, reaching
+for :class:`Gateway` or :func:`agent_skills` raises :class:`~zlink.ConfigError`
+saying so (this package itself imports without it).
 """
 
 from __future__ import annotations
