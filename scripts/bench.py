@@ -1472,8 +1472,8 @@ def measure_peer_parallel(system: Any, cfg: Settings) -> dict[str, Any]:
 
 #: measurement name -> function(system, settings) -> figures, run on each system of MEASURED_ON
 MEASUREMENTS: dict[str, Callable[[Any, Settings], dict[str, Any]]] = {
+    "round_trip": measure_round_trip,  # first, on a fresh system (Celery's latency after 100k tasks stalls)
     "map": measure_map,
-    "round_trip": measure_round_trip,
 }
 #: zlink-only measurements that start and stop their own processes: function(settings) -> figures.
 #: They run after the compared systems in each repeat (with none of them up) and fill the zlink column.
@@ -1849,7 +1849,8 @@ def table_lines(rows: list[dict[str, Any]], cfg: Settings, skipped: dict[str, st
     tw = max([8, *(len(r["target"]) + 2 for r in rows)])
 
     def value(r: dict[str, Any], sname: str) -> str:
-        if sname in skipped and r["values"].get(sname) is None and r["measurement"] in ("map", "round_trip"):
+        compared = any(v is not None for s, v in r["values"].items() if s != "zlink")
+        if sname in skipped and r["values"].get(sname) is None and compared:
             return "skipped"
         return fmt_value(r["values"].get(sname), r["fmt"])
 

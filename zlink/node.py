@@ -215,8 +215,8 @@ class TaskContext:
     """What a running skill can learn about its task: ``zlink.current_task()``."""
 
     __slots__ = (
-        "_asks", "_cancelled", "_future", "_node", "_pseq", "_qseq", "_seal", "_tid", "attempt", "deadline", "id",
-        "skill",
+        "_also", "_asks", "_cancelled", "_future", "_node", "_pseq", "_qseq", "_seal", "_tid", "attempt", "deadline",
+        "id", "skill",
     )  # fmt: skip
 
     def __init__(self, tid: bytes, skill_name: str, attempt: int, timeout: float | None) -> None:
@@ -232,6 +232,8 @@ class TaskContext:
         self._qseq = 0  # questions asked so far
         self._asks: dict[int, cf.Future[Any]] = {}  # question number -> its answer, while waiting
         self._node: _BrokerLink | None = None
+        #: other brokers that sent this task too (link -> their attempt): they get the outcome as well
+        self._also: dict[_BrokerLink, int] | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -385,6 +387,9 @@ class _BrokerLink(PeerLink):
         self._hb_endpoint = ""
         self._credit_sent = 0
         self._credit_t = 0.0
+        #: this link's broker is gone and its tasks are being moved to another link: its HELLOs
+        #: (still sent, for when it returns) must not claim them meanwhile
+        self._handing_over = False
 
     # ------------------------------------------------------------------ link hooks (I/O thread)
 
@@ -397,7 +402,7 @@ class _BrokerLink(PeerLink):
             name=self.name, role="node", session=self.session,
             skills={n: s.wire() for n, s in node.skills.items()},
             slots=self._credit_sent, prefetch=node.prefetch,
-            running=tuple(
+            running=() if self._handing_over else tuple(
                 [(tid, c.attempt) for tid, c in self._running.items()]
                 + [(tid, r[0]) for tid, r in self._unacked.items() if tid not in self._running]
             ),
@@ -428,9 +433,11 @@ class _BrokerLink(PeerLink):
             node = self.node
             for item, payload in zip(msg.tasks, frames, strict=True):  # type: ignore[attr-defined]
                 tid = item.tid
-                held = self._running.get(tid) or node._claim(tid, self)
+                held = self._running.get(tid)
                 if held is not None:
                     held.attempt = item.attempt  # the broker's current attempt: answer as that
+                    continue
+                if node._claim(tid, self, item.attempt):
                     continue
                 done = self._unacked.get(tid) or node._claim_done(tid, self)
                 if done is not None:  # finished while the broker was away: answer, do not re-run
@@ -628,6 +635,7 @@ class _BrokerLink(PeerLink):
                 hb = P.Heartbeat(
                     session=self.session, epoch=self.epoch,
                     free=max(0, self._credit() - len(running)), running=running[:10_000],
+                    complete=len(running) <= 10_000 and not self._handing_over,
                 )  # fmt: skip
                 try:
                     pub.send(P.encode(hb), zmq.NOBLOCK)
@@ -901,8 +909,11 @@ class Node(_BrokerLink):
         if not live:
             return  # no broker at all: everything stays for when this one comes back
         target = live[0]
-        with contextlib.suppress(ZlinkError):  # on the target's I/O thread: its HELLO must precede the results
+        lost._handing_over = True
+        try:  # on the target's I/O thread: its HELLO must precede the results
             target.call_soon(functools.partial(self._take_over, lost, target))
+        except ZlinkError:
+            lost._handing_over = False
 
     def _take_over(self, lost: _BrokerLink, target: _BrokerLink) -> None:
         """Move ``lost``'s tasks and results to ``target`` and say HELLO there (``target``'s I/O thread).
@@ -911,6 +922,12 @@ class Node(_BrokerLink):
         results only after its calls): a result of a task the broker has not
         adopted yet would be dropped as stale.
         """
+        try:
+            self._move_tasks(lost, target)
+        finally:
+            lost._handing_over = False
+
+    def _move_tasks(self, lost: _BrokerLink, target: _BrokerLink) -> None:
         if lost.welcome is not None:
             return  # it came back meanwhile
         with self._route_lock:
@@ -932,25 +949,42 @@ class Node(_BrokerLink):
         log.warning("broker %s lost: its %d task(s) handed to %s", lost.endpoint, moved, target.endpoint)
         target._send_hello()
 
-    def _claim(self, tid: bytes, link: _BrokerLink) -> TaskContext | None:
-        """A task ``link``'s broker sent that another link's broker sent first: it now answers through ``link``."""
+    def _claim(self, tid: bytes, link: _BrokerLink, attempt: int) -> bool:
+        """``link``'s broker sent a task another link's broker sent first (True: taken care of).
+
+        If that other broker is gone (its clients moved), the task now answers
+        through ``link`` only; if it is still there (e.g. ``link``'s broker was
+        cut off, gave the task up and came back), both get the outcome: the task
+        does not run twice, and neither broker waits for ever.
+        """
         if len(self._links) == 1:
-            return None
+            return False
         with self._route_lock:
             for other in self._links:
-                ctx = other._running.pop(tid, None) if other is not link else None
-                if ctx is not None:
+                ctx = other._running.get(tid) if other is not link else None
+                if ctx is None:
+                    continue
+                if other.welcome is None:
+                    del other._running[tid]
                     ctx._node = link
+                    ctx.attempt = attempt
                     link._running[tid] = ctx
-                    return ctx
-        return None
+                else:
+                    if ctx._also is None:
+                        ctx._also = {}
+                    ctx._also[link] = attempt
+                return True
+        return False
 
     def _claim_done(self, tid: bytes, link: _BrokerLink) -> tuple[int, int, bytes, _Seal] | None:
-        """A result another link holds unacknowledged (its broker died) for a task ``link``'s broker re-sent."""
+        """A result another link holds unacknowledged for a task ``link``'s broker re-sent (taken from a link
+        whose broker is gone, copied from a live one)."""
         if len(self._links) == 1:
             return None
         for other in self._links:
-            done = other._unacked.pop(tid, None) if other is not link else None
+            if other is link:
+                continue
+            done = other._unacked.pop(tid, None) if other.welcome is None else other._unacked.get(tid)
             if done is not None:
                 return done
         return None
@@ -968,8 +1002,13 @@ class Node(_BrokerLink):
         with self._route_lock:
             link = ctx._node or self
             link._done.append((ctx._tid, ctx.attempt, status, payload, ctx._seal))
+            also = list(ctx._also.items()) if ctx._also else []
+            for other, attempt in also:
+                other._done.append((ctx._tid, attempt, status, payload, ctx._seal))
         self.completed += 1
         link._waker.wake()  # the I/O thread sends results on every wake-up
+        for other, _ in also:
+            other._waker.wake()
 
     def _worker(self) -> None:
         while True:

@@ -473,12 +473,16 @@ class Heartbeat(Message):
     epoch: bytes | None = None
     free: int = 0
     running: tuple[tuple[bytes, int], ...] = ()
+    #: ``running`` lists every task this session holds and has not answered: the broker
+    #: re-queues a task it thinks the node holds that stays missing from such lists
+    complete: bool = False
 
     SCHEMA: ClassVar[tuple[tuple[str, Validator], ...]] = (
         ("session", _v_id),
         ("epoch", _v_optional(_v_id)),
         ("free", _v_int(0, 100_000)),
         ("running", _v_running),
+        ("complete", _v_bool),
     )
 
 

@@ -208,7 +208,7 @@ def _capacity(slots: int, max_prefetch: int, want: int) -> int:
 class Node(Peer):
     __slots__ = (
         "alive", "capacity", "done", "draining", "failed", "inflight", "joined", "max_prefetch",
-        "rate", "rate_n", "rate_t", "skills", "slots",
+        "missing", "rate", "rate_n", "rate_t", "skills", "slots",
     )  # fmt: skip
 
     def __init__(self, *a: Any, skills: dict[str, Any], slots: int, prefetch: int) -> None:
@@ -226,6 +226,8 @@ class Node(Peer):
         self.rate_n = 0
         #: tid -> attempt for everything sent to this node and not yet answered
         self.inflight: dict[bytes, int] = {}
+        #: tid -> since when the node's complete heartbeats have not listed a task it should hold
+        self.missing: dict[bytes, float] = {}
         self.done = 0
         self.failed = 0
         self.alive = True
@@ -323,7 +325,7 @@ class Scheduler:
         self.orphans: dict[bytes, tuple[int, Any, float, int]] = {}
         self.counters: dict[str, int] = {
             "submitted": 0, "dispatched": 0, "done": 0, "failed": 0, "requeued": 0,
-            "lost": 0, "timed_out": 0, "cancelled": 0, "rejected": 0, "stale_results": 0,
+            "lost": 0, "timed_out": 0, "cancelled": 0, "rejected": 0, "stale_results": 0, "reclaimed": 0,
             "undeliverable": 0, "nodes_died": 0, "protocol_errors": 0, "clients_gone": 0,
             "messages": 0, "published": 0, "loop_guard": 0, "stale_answers": 0,
         }  # fmt: skip
@@ -998,6 +1000,38 @@ class Scheduler:
         if ev.msg.epoch is not None and ev.msg.epoch != self.epoch:
             return  # it has not re-registered with us yet
         node.last_seen = self._now
+        if ev.msg.complete and (node.inflight or node.missing):
+            self._check_missing(node, ev.msg.running)
+
+    def _check_missing(self, node: Node, running: tuple[tuple[bytes, int], ...]) -> None:
+        """Re-queue what the node should hold but has not listed for a grace period.
+
+        A node lists every task it holds in each heartbeat. A task missing from
+        them for longer than the grace (a result on its way takes milliseconds,
+        a dispatch the same) was lost between them, e.g. handed to this broker in
+        a HELLO and then answered elsewhere: waiting for it would hold a slot and
+        its client for ever. It runs again (its late answer, if any, is fenced off).
+        """
+        now = self._now
+        listed = dict(running)
+        missing = node.missing
+        for tid in [t for t in missing if listed.get(t) == node.inflight.get(t) or t not in node.inflight]:
+            del missing[tid]
+        lost: dict[bytes, int] = {}
+        for tid, attempt in node.inflight.items():
+            if listed.get(tid) == attempt:
+                continue
+            since = missing.setdefault(tid, now)
+            if now - since > self._grace:
+                lost[tid] = attempt
+        if lost:
+            for tid in lost:
+                del node.inflight[tid]
+                del missing[tid]
+            self.counters["reclaimed"] += len(lost)
+            self._event(f"node {node.name}: {len(lost)} task(s) it no longer lists re-queued")
+            self._requeue_tasks(node, lost, died=False)
+            self._pump_node(node)
 
     def _on_tick(self) -> None:
         now = self._last_tick = self._now

@@ -29,9 +29,9 @@ TCP reset, no FIN, the peers only notice that beacons and heartbeats stop.
 8 s, while the task the victim had dispatched still runs (node1 handed it
 over to another broker, which adopted it) and only node1 serves its skill, so
 the returning victim dispatches its stale re-queued copy to the very node
-running it; the task must still resolve exactly once. It is a strict xfail
-for a zlink bug (see its marker): node1 moves the running attempt over to the
-returning broker, whose client has left, and the task never resolves.
+running it; the task must still resolve exactly once. (It found a bug: node1
+used to move the running attempt over to the returning broker, whose client
+had left, and the task never resolved; now both brokers get the outcome.)
 
 Skipped, with the reason, when not root, when ``ip netns`` is missing, or when
 a namespace cannot be made.
@@ -362,18 +362,10 @@ def test_cut_broker_client_fails_over_and_broker_gets_nodes_back(swarm: MultiSwa
 
 
 class LostAfterReturn(AssertionError):
-    """A task never resolved after its first broker came back (the bug the xfail below names)."""
+    """A task never resolved after its first broker came back."""
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    raises=LostAfterReturn,
-    strict=True,
-    reason="zlink bug: a broker cut off and back (same epoch) re-dispatches its stale re-queued copies of tasks "
-    "that nodes handed over to another broker; Node._claim then moves the running attempt to the returning "
-    "broker's link, its result goes there (undeliverable: the client left), and the adopting broker and the "
-    "client wait until the task's timeout",
-)
 def test_link_heals_while_its_tasks_run_elsewhere(swarm: MultiSwarm) -> None:
     """The victim returns while the task it had dispatched still runs for another broker.
 

@@ -1767,3 +1767,40 @@ def test_acks_ride_along_the_next_dispatch() -> None:
     ((dispatch,),) = [[m for m in out.to(b"n1") if type(m) is P.Dispatch]]
     assert [i.tid for i in dispatch.tasks] == [t2] and dispatch.acks == (t1,)
     assert [m for m in out.to(b"n1") if type(m) is P.Ack] == []
+
+
+def _full_beat(sim: Sim, route: bytes, running: tuple[tuple[bytes, int], ...], now: float) -> Out:
+    msg = P.Heartbeat(session=sim.sessions[route], epoch=EPOCH, running=running, complete=True)
+    return sim(Heartbeat(sim.keys[route], msg), now)
+
+
+def test_a_task_the_node_stops_listing_is_requeued_after_the_grace() -> None:
+    sim = setup(nodes={b"a": {"slots": 2}, b"b": {"slots": 2}})
+    out, tids, _ = sim.submit(b"c1", 1)
+    ((item, _),) = out.dispatched(b"a") or out.dispatched(b"b")
+    holder, other = (b"a", b"b") if out.dispatched(b"a") else (b"b", b"a")
+    grace = sim.s._grace
+    # listed: never reclaimed, however long it runs
+    for t in (0.5, 1.0, grace + 1.0, 2 * grace + 2.0):
+        _full_beat(sim, holder, ((item.tid, 1),), t)
+        sim.beat(other, now=t)
+        assert sim.tick(t).dispatched(other) == []
+    # an incomplete list (e.g. truncated, or an old node) proves nothing
+    t = 2 * grace + 2.5
+    sim.beat(holder, now=t)
+    assert sim.s.counters["reclaimed"] == 0
+    # missing from complete lists: re-queued once the grace has passed, and only then
+    start = t + 0.5
+    out = _full_beat(sim, holder, (), start)
+    assert out.dispatched(other) == []
+    sim.beat(other, now=start + grace)
+    out = _full_beat(sim, holder, (), start + grace)
+    assert out.dispatched(other) == [] and sim.s.counters["reclaimed"] == 0
+    out = _full_beat(sim, holder, (), start + grace + 0.5)
+    assert sim.s.counters["reclaimed"] == 1
+    redo = out.dispatched(other) or out.dispatched(holder)
+    assert [(i.tid, i.attempt) for i, _ in redo] == [(tids[0], 2)]
+    # the first attempt's late answer is fenced off; the new one is delivered
+    done_on = other if out.dispatched(other) else holder
+    assert sim.result(holder, tids[0], 1, now=start + grace + 0.6).results(b"c1") == []
+    assert [i.tid for i, _ in sim.result(done_on, tids[0], 2, now=start + grace + 0.7).results(b"c1")] == [tids[0]]
