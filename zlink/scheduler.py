@@ -1437,6 +1437,8 @@ class Scheduler:
                     "name": n.name,
                     "key_name": n.identity.name,
                     "skills": sorted(n.skills),
+                    # what the node announced of each skill (description, tags, modes...), where it said anything
+                    "skill_info": {k: v for k, v in sorted(n.skills.items()) if v},
                     "slots": n.slots,
                     "busy": len(n.inflight),
                     "last_seen": round(now - n.last_seen, 3),

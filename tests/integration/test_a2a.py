@@ -282,11 +282,6 @@ def test_card_lists_live_skills_and_follows_nodes(swarm: LocalSwarm, client: zli
     wait_for(lambda: "square" not in card_skills(gateway.url), timeout=20, what="square to leave the card")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the broker's status lists each node's skill names, not the metadata the node announced "
-    "(Scheduler.status in zlink/scheduler.py), so the card falls back to generic descriptions",
-)
 @pytest.mark.timeout(30)
 def test_card_carries_the_metadata_nodes_announce(gateway: Gateway) -> None:
     greet = card_skills(gateway.url)["greet"]

@@ -27,7 +27,7 @@ def test_all_lists_exactly_the_public_names() -> None:
         assert hasattr(zlink, name), name
     public_attrs = {n for n in vars(zlink) if not n.startswith("_")} - {
         "annotations", "broker", "client", "errors", "node", "protocol", "scheduler", "seal", "security", "_peer",
-        "top", "metrics", "_batch", "_progress",
+        "top", "metrics", "_batch", "_progress", "a2a",
     }  # fmt: skip
     assert public_attrs <= PUBLIC | {"demo", "cli"}
 
