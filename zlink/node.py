@@ -612,25 +612,36 @@ class _BrokerLink(PeerLink):
     # ------------------------------------------------------------------ heartbeats
 
     def _heartbeat_loop(self) -> None:
-        """Own thread, own socket: keeps beating while task code holds the CPU."""
-        pub = self._ctx.socket(zmq.PUB)
+        """Own thread, own socket: keeps beating while task code holds the CPU.
+
+        The socket is an XPUB, so the node sees the broker's subscription arrive
+        (after the CurveZMQ handshake) and beats at that moment: a PUB would
+        drop every beat sent before it, and the broker would first hear from
+        the node up to an interval later. Until the subscription comes the
+        thread looks for it with a backoff from 10 ms up to the interval.
+        """
+        pub = self._ctx.socket(zmq.XPUB)
         connected = ""
         try:
             curve_client(pub, self.join)
             tune_reconnect(pub)
             pub.setsockopt(zmq.SNDHWM, 10)
-            wait = 0.0
+            pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # a broker that comes back subscribes again: see that too
+            wait, subscribed, backoff = 0.0, False, 0.01
             while not self._hb_stop.wait(wait):
-                wait = self.heartbeat_interval
                 endpoint = self._hb_endpoint
                 if endpoint != connected:  # first beat, or a restarted broker on new ports
                     if connected:
                         pub.disconnect(connected)
                     pub.connect(endpoint)
-                    connected = endpoint
-                    # a PUB drops what it sends before the broker's subscription
-                    # arrives (after the CurveZMQ handshake): beat again soon
-                    wait = min(0.05, self.heartbeat_interval)
+                    connected, subscribed, backoff = endpoint, False, 0.01
+                fresh = False
+                while pub.poll(0):  # subscription messages: the broker's SUB is (again) connected
+                    fresh = pub.recv()[:1] == b"\x01" or fresh
+                if not subscribed and not fresh:
+                    wait, backoff = backoff, min(backoff * 2, self.heartbeat_interval)
+                    continue
+                subscribed, wait = True, self.heartbeat_interval
                 running = tuple((tid, c.attempt) for tid, c in list(self._running.items()))
                 hb = P.Heartbeat(
                     session=self.session, epoch=self.epoch,

@@ -143,6 +143,11 @@ class Send:
 class SchedulerConfig:
     heartbeat_interval: float = 0.5
     liveness: int = 3
+    #: at most this many seconds a node has, from its HELLO, to get its first heartbeat through
+    #: while other nodes' first heartbeats keep arriving (the heartbeat channel is a second CurveZMQ
+    #: connection, which a broker welcoming a thousand nodes at once may take seconds to accept);
+    #: otherwise, and from its first heartbeat on, the node timeout applies
+    first_beat_grace: float = 5.0
     max_message_size: int = 16 * 1024 * 1024
     beacon_port: int = 0
     heartbeat_port: int = 0
@@ -207,7 +212,7 @@ def _capacity(slots: int, max_prefetch: int, want: int) -> int:
 
 class Node(Peer):
     __slots__ = (
-        "alive", "capacity", "done", "draining", "failed", "inflight", "joined", "max_prefetch",
+        "alive", "beating", "capacity", "done", "draining", "failed", "inflight", "joined", "max_prefetch",
         "missing", "rate", "rate_n", "rate_t", "skills", "slots",
     )  # fmt: skip
 
@@ -232,6 +237,8 @@ class Node(Peer):
         self.failed = 0
         self.alive = True
         self.joined = self.last_seen
+        #: a heartbeat arrived since HELLO; until then the node has ``first_beat_grace`` to send one
+        self.beating = False
 
 
 class Client(Peer):
@@ -372,6 +379,8 @@ class Scheduler:
         self._held_until = 0.0
         # nodes notice a new broker from its beacon (one interval) and say HELLO
         self._grace = self.config.node_timeout + 2 * self.config.heartbeat_interval
+        #: when a node's first heartbeat last arrived (joining nodes are still getting through)
+        self._first_beat_at = -math.inf
         self._restart_grace_end = now + self._grace
         self._now = now
         self._last_tick = now
@@ -1000,6 +1009,9 @@ class Scheduler:
         if ev.msg.epoch is not None and ev.msg.epoch != self.epoch:
             return  # it has not re-registered with us yet
         node.last_seen = self._now
+        if not node.beating:
+            node.beating = True
+            self._first_beat_at = self._now
         if ev.msg.complete and (node.inflight or node.missing):
             self._check_missing(node, ev.msg.running)
 
@@ -1065,7 +1077,12 @@ class Scheduler:
                 self.counters["clients_gone"] += 1
                 self._drop_peer(client, "silent")
         horizon = now - self.config.node_timeout
-        dead = [n for n in self.nodes.values() if n.last_seen < horizon]
+        nodes = self.nodes.values()
+        # a node's first heartbeat waits for its second CurveZMQ handshake, queued behind those of
+        # every other node joining: while first heartbeats keep coming through, the ones still
+        # waiting get up to first_beat_grace; when none came for a node timeout, they are dead
+        first = horizon if self._first_beat_at < horizon else now - max(self.config.first_beat_grace, self.config.node_timeout)
+        dead = [n for n in nodes if n.last_seen < (horizon if n.beating else first)]
         for node in dead:  # all of them first, so none gets the others' tasks
             node.alive = False
         for node in dead:
@@ -1442,6 +1459,7 @@ class Scheduler:
                     "slots": n.slots,
                     "busy": len(n.inflight),
                     "last_seen": round(now - n.last_seen, 3),
+                    "beating": n.beating,  # a heartbeat arrived since it joined
                     "done": n.done,
                     "failed": n.failed,
                     "seal": n.seal,

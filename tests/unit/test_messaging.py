@@ -19,6 +19,7 @@ from zlink.scheduler import (
     MAILBOX_BYTES,
     MAILBOX_PER_NAME,
     MAX_TOPICS_PER_PEER,
+    Heartbeat,
     Identity,
     PeerGone,
     PeerMessage,
@@ -87,7 +88,10 @@ class Sim:
         return self(PeerMessage(route, msg, identity=identity), now)
 
     def node(self, route: bytes, name: str, skills: tuple[str, ...] = ("ask",), slots: int = 1) -> Out:
-        return self.hello(route, name, hat="node", skills={s: {} for s in skills}, slots=slots)
+        """HELLO from a node, and its first heartbeat (as a live node sends at once)."""
+        out = self.hello(route, name, hat="node", skills={s: {} for s in skills}, slots=slots)
+        out.extend(self(Heartbeat("key-" + name, P.Heartbeat(session=b"session-" + route, epoch=EPOCH))))
+        return out
 
     def mid(self) -> bytes:
         return b"m%d" % next(self._mids)

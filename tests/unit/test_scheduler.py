@@ -137,7 +137,11 @@ class Sim:
     def node(
         self, route: bytes, skills: Iterable[str] = ("echo",), slots: int = 1, prefetch: int = 0, **kw: Any
     ) -> Out:
-        return self.hello(route, "node", skills={s: {} for s in skills}, slots=slots, prefetch=prefetch, **kw)
+        """HELLO from a node, and its first heartbeat (as a live node sends at once)."""
+        out = self.hello(route, "node", skills={s: {} for s in skills}, slots=slots, prefetch=prefetch, **kw)
+        if any(type(m) is P.Welcome for m in out.to(route)):
+            out.extend(self.beat(route))
+        return out
 
     def client(self, route: bytes, **kw: Any) -> Out:
         return self.hello(route, "client", **kw)
@@ -662,6 +666,40 @@ def test_bad_heartbeats_do_not_keep_a_node_alive(how: str) -> None:
         sim.tick(t)
     assert b"session-n1" not in sim.s.nodes
     assert sim.s.tasks[tid].state == "queued"
+
+
+def test_a_new_node_waits_for_its_first_heartbeat_while_others_get_through() -> None:
+    """Its heartbeat channel is a second handshake, slow when a thousand nodes join at once."""
+    # on a quiet broker, a node that never beats is dead after the node timeout
+    sim = Sim()
+    sim.hello(b"lone", "node", skills={"echo": {}}, slots=1)
+    sim.tick(NODE_TIMEOUT + 0.01)
+    assert b"session-lone" not in sim.s.nodes
+
+    # a join storm: 1,000 nodes say HELLO at once, and their first heartbeats trickle in
+    grace = CONFIG.first_beat_grace
+    assert grace > NODE_TIMEOUT + 1
+    sim = Sim()
+    sim.client(b"c1")
+    routes = [b"n%d" % i for i in range(1000)]
+    for r in routes:
+        sim.hello(r, "node", skills={"echo": {}}, slots=1)
+    _, tids, _ = sim.submit(b"c1", 2)
+    t = 0.0
+    for k in range(100, 1000, 100):  # 100 more every 0.5 s: the broker is getting through them
+        t += 0.5
+        for r in routes[:k]:
+            sim.beat(r, now=t)
+        sim.tick(t)
+    assert len(sim.s.nodes) == 1000 and t > NODE_TIMEOUT  # nobody dead: first beats keep coming
+    for r in routes[:900]:
+        sim.beat(r, now=grace - 0.5)
+    sim.tick(grace + 0.01)  # the last 100 never beat, and progress stopped a while ago
+    assert len(sim.s.nodes) == 900 and sim.s.counters["nodes_died"] == 100
+    assert all(sim.s.tasks[tid].state == "running" for tid in tids)  # on live nodes
+    # from the first beat on, the ordinary node timeout applies
+    sim.tick(grace - 0.5 + NODE_TIMEOUT + 0.01)
+    assert sim.s.nodes == {}
 
 
 def test_heartbeat_cannot_revive_a_dead_node() -> None:
@@ -1304,6 +1342,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                                        prefetch=prefetch), identity=Identity(node.key, node.key, "node"))
         )  # fmt: skip
         assert type(out[0].msg) is P.Welcome
+        self.handle(Heartbeat(node.key, P.Heartbeat(session=session, epoch=EPOCH)))  # a live node beats at once
 
     def _answer(self, node: NodeModel, tid: bytes, status: int) -> None:
         attempt = node.holds[tid]

@@ -1,0 +1,125 @@
+"""The broker's table of authorised keys and its ZAP policy, with a fake clock and a real folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from zmq.utils import z85
+
+from zlink import security
+from zlink.security import AllowedKeys, BrokerHome, ZapPolicy, generate_keypair
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def zap_request(public: str) -> list[bytes]:
+    return [b"1.0", b"r1", b"", b"127.0.0.1", b"", b"CURVE", z85.decode(public.encode())]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> BrokerHome:
+    h = BrokerHome(tmp_path / "home")
+    h.ensure()
+    return h
+
+
+def test_a_known_key_costs_no_scan_until_the_folder_changes(home: BrokerHome, monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = [generate_keypair() for _ in range(20)]
+    for i, k in enumerate(keys):
+        home.allow(k.public, name=f"n{i}", role="node")
+    clock = Clock()
+    table = AllowedKeys(home.allowed, clock=clock)
+    zap = ZapPolicy(table)
+    scans = parses = 0
+    real_scan, real_parse = table._scan, table._parse
+
+    def count_scan() -> tuple[tuple[str, int, int], ...]:
+        nonlocal scans
+        scans += 1
+        return real_scan()
+
+    def count_parse(name: str) -> security.AllowedKey | None:
+        nonlocal parses
+        parses += 1
+        return real_parse(name)
+
+    monkeypatch.setattr(table, "_scan", count_scan)
+    monkeypatch.setattr(table, "_parse", count_parse)
+
+    # a join storm: every node handshakes (twice: tasks and heartbeats) within a second
+    for k in keys * 2:
+        assert zap.reply(zap_request(k.public))[2] == b"200"
+    assert (scans, parses, zap.allowed) == (0, 0, 40)
+
+    # a key invited now gets in at once; only its file is parsed
+    new = generate_keypair()
+    home.allow(new.public, name="late", role="client")
+    assert zap.reply(zap_request(new.public))[2] == b"200"
+    assert (scans, parses) == (1, 1)
+
+    # a revoked key is refused from its next handshake on, with no wait
+    home.revoke("n0")
+    assert zap.reply(zap_request(keys[0].public))[2] == b"400"
+    assert table.take_removed() == {keys[0].public}
+    assert parses == 1  # nothing new to parse
+
+
+def test_strangers_cannot_keep_the_broker_scanning(home: BrokerHome, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    table = AllowedKeys(home.allowed, clock=clock)
+    zap = ZapPolicy(table)
+    scans = 0
+    real_scan = table._scan
+
+    def count_scan() -> tuple[tuple[str, int, int], ...]:
+        nonlocal scans
+        scans += 1
+        return real_scan()
+
+    monkeypatch.setattr(table, "_scan", count_scan)
+    for _ in range(500):
+        assert zap.reply(zap_request(generate_keypair().public))[2:4] == [b"400", b"key not authorised"]
+    assert scans == 0 and zap.denied == 500  # the table was read a moment ago
+    clock.t += 0.1
+    for _ in range(100):
+        zap.reply(zap_request(generate_keypair().public))
+    assert scans == 1
+
+
+def test_a_key_file_edited_in_place_is_seen_within_a_second(home: BrokerHome) -> None:
+    k = generate_keypair()
+    path = home.allow(k.public, name="w", role="node")
+    clock = Clock()
+    table = AllowedKeys(home.allowed, clock=clock)
+    zap = ZapPolicy(table)
+    assert zap.reply(zap_request(k.public))[2] == b"200"
+    # the role changes by rewriting the file in place: the folder's mtime stays, so the change
+    # shows when the table is a second old, and counts as a removal (peers are disconnected)
+    st = os.stat(home.allowed)
+    path.unlink()
+    security.write_cert(path, security.KeyPair(k.public), metadata={"name": "w", "role": "client"})
+    os.utime(home.allowed, ns=(st.st_atime_ns, st.st_mtime_ns))
+    zap.reply(zap_request(k.public))
+    assert table.get(k.public) is not None and table.get(k.public).role == "node"  # type: ignore[union-attr]
+    clock.t += 1.01
+    zap.reply(zap_request(k.public))
+    assert table.get(k.public).role == "client"  # type: ignore[union-attr]
+    assert table.take_removed() == {k.public}
+
+
+def test_bad_files_are_listed_and_skipped(home: BrokerHome) -> None:
+    (home.allowed / "junk.key").write_text("not a certificate")
+    k = generate_keypair()
+    home.allow(k.public, name="good", role="node")
+    table = AllowedKeys(home.allowed)
+    assert table.bad_files == ["junk.key"] and [a.name for a in table.by_key.values()] == ["good"]
