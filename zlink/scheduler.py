@@ -1081,7 +1081,8 @@ class Scheduler:
         # a node's first heartbeat waits for its second CurveZMQ handshake, queued behind those of
         # every other node joining: while first heartbeats keep coming through, the ones still
         # waiting get up to first_beat_grace; when none came for a node timeout, they are dead
-        first = horizon if self._first_beat_at < horizon else now - max(self.config.first_beat_grace, self.config.node_timeout)
+        cfg = self.config
+        first = horizon if self._first_beat_at < horizon else now - max(cfg.first_beat_grace, cfg.node_timeout)
         dead = [n for n in nodes if n.last_seen < (horizon if n.beating else first)]
         for node in dead:  # all of them first, so none gets the others' tasks
             node.alive = False
