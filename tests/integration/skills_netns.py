@@ -138,12 +138,8 @@ class Driver:
         raise ValueError(f"unknown op {op!r}")
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: skills_netns.py RESULTS_FILE  (join string in $ZLINK_JOIN)", file=sys.stderr)
-        return 2
-    client = CountingClient(None, connect_timeout=15.0)
-    driver = Driver(client, argv[0])
+def serve(client: Any, driver: Any) -> int:
+    """Answer the test's JSON commands on stdin, one per line, until ``quit``; then close both."""
     try:
         print(json.dumps({"ready": True}), flush=True)
         for raw in sys.stdin:
@@ -161,6 +157,14 @@ def main(argv: list[str]) -> int:
         client.close()
         driver.close()
     return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: skills_netns.py RESULTS_FILE  (join string in $ZLINK_JOIN)", file=sys.stderr)
+        return 2
+    client = CountingClient(None, connect_timeout=15.0)
+    return serve(client, Driver(client, argv[0]))
 
 
 if __name__ == "__main__":

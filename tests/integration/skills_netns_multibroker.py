@@ -32,7 +32,7 @@ import zlink
 from zlink import protocol as P
 
 # run as a script: this folder is sys.path[0]
-from skills_netns import CountingClient, Driver  # isort: skip
+from skills_netns import CountingClient, Driver, serve  # isort: skip
 
 
 class FailoverClient(CountingClient):
@@ -163,24 +163,7 @@ def main(argv: list[str]) -> int:
         return 2
     probe_joins = json.loads(os.environ.pop("ZLINK_PROBE_JOINS", "{}"))
     client = FailoverClient(None, connect_timeout=15.0)
-    driver = MultiDriver(client, argv[0], probe_joins)
-    try:
-        print(json.dumps({"ready": True}), flush=True)
-        for raw in sys.stdin:
-            if not raw.strip():
-                continue
-            cmd = json.loads(raw)
-            if cmd["op"] == "quit":
-                break
-            try:
-                reply = driver.handle(cmd)
-            except Exception as exc:  # report it to the test rather than die silently
-                reply = {"error": f"{type(exc).__name__}: {exc}"}
-            print(json.dumps(reply), flush=True)
-    finally:
-        client.close()
-        driver.close()
-    return 0
+    return serve(client, MultiDriver(client, argv[0], probe_joins))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import pytest
 
@@ -70,6 +70,9 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check and proc.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
+
+
+L = TypeVar("L", bound="NetLab")
 
 
 class NetLab:
@@ -135,8 +138,8 @@ class NetLab:
         return problems
 
 
-@pytest.fixture
-def netlab() -> Iterator[NetLab]:
+def open_lab(lab_class: type[L]) -> Iterator[L]:
+    """Build a lab of ``lab_class`` for one test and tear it down; skips where ``ip netns`` cannot run."""
     if not sys.platform.startswith("linux"):
         pytest.skip("network namespaces need Linux")
     if os.geteuid() != 0:
@@ -149,7 +152,7 @@ def netlab() -> Iterator[NetLab]:
         pytest.skip(f"'ip netns' is unavailable: {exc}")
     if probe.returncode != 0:
         pytest.skip(f"'ip netns' is unavailable: {probe.stderr.strip()}")
-    lab = NetLab()
+    lab = lab_class()
     try:
         try:
             lab.add_ns(lab.bridge_ns)
@@ -162,6 +165,11 @@ def netlab() -> Iterator[NetLab]:
         for p in problems:
             print(f"netns cleanup: {p}")
         assert not [p for p in problems if "left behind" in p or "could not delete" in p], problems
+
+
+@pytest.fixture
+def netlab() -> Iterator[NetLab]:
+    yield from open_lab(NetLab)
 
 
 # --------------------------------------------------------------------------- processes

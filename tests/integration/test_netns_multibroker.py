@@ -40,10 +40,7 @@ a namespace cannot be made.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -61,9 +58,9 @@ from .test_netns import (
     NetLab,
     Procs,
     _check_values,
-    _ip,
     _submit,
     _wait_results,
+    open_lab,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -100,32 +97,7 @@ class MultiNetLab(NetLab):
 
 @pytest.fixture
 def netlab() -> Iterator[MultiNetLab]:
-    # the same checks as test_netns.netlab, which builds a NetLab with test_netns.HOSTS
-    if not sys.platform.startswith("linux"):
-        pytest.skip("network namespaces need Linux")
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces (ip netns add)")
-    if shutil.which("ip") is None:
-        pytest.skip("the 'ip' command (iproute2) is not installed")
-    try:
-        probe = _ip("netns", "list", check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"'ip netns' is unavailable: {exc}")
-    if probe.returncode != 0:
-        pytest.skip(f"'ip netns' is unavailable: {probe.stderr.strip()}")
-    lab = MultiNetLab()
-    try:
-        try:
-            lab.add_ns(lab.bridge_ns)
-        except RuntimeError as exc:
-            pytest.skip(f"cannot create a network namespace here (restricted container?): {exc}")
-        lab.build()
-        yield lab
-    finally:
-        problems = lab.close()
-        for p in problems:
-            print(f"netns cleanup: {p}")
-        assert not [p for p in problems if "left behind" in p or "could not delete" in p], problems
+    yield from open_lab(MultiNetLab)
 
 
 # --------------------------------------------------------------------------- the swarm
