@@ -51,6 +51,8 @@ _HANDSHAKE_FAILED: Final = (
 _MONITOR_EVENTS: Final = _HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
 AGENT: Final = "zlink"
+#: seconds a closing peer waits for the broker's answer to its BYE (see PeerLink._await_bye)
+BYE_WAIT: Final = 0.25
 
 
 def curve_client(sock: zmq.Socket[Any], join: Join) -> None:
@@ -510,6 +512,7 @@ class PeerLink(ABC):
                 if self.welcome is not None and self._fatal is None:
                     self.on_close()
                     self._post(P.Bye(reason="closing"))
+                    self._await_bye(sock)
             finally:
                 try:
                     sock.disable_monitor()
@@ -609,6 +612,31 @@ class PeerLink(ABC):
                     log.info("broker restarted (new epoch %s): registering again", msg.epoch.hex())
                     self.welcome = None
                     self._send_hello()
+
+    def _await_bye(self, sock: zmq.Socket[Any], limit: float = BYE_WAIT) -> None:
+        """Until the broker answers our BYE (at most ``limit`` seconds), reading and dropping the rest.
+
+        Closing a TCP connection with unread data in it makes the kernel reset it,
+        and a reset discards what the broker has received but not yet read: the
+        last CANCELs and the BYE itself, so the broker would keep this session's
+        tasks (and its key's quota) until the client timeout. Reading until the
+        broker's answer means nothing is on the way when the socket closes.
+        """
+        deadline = time.monotonic() + limit
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                if not sock.poll(math.ceil(left * 1000)):
+                    return
+                frames = recv_frames(sock)
+            except zmq.Again:
+                continue
+            except zmq.ZMQError:
+                return
+            try:
+                if type(P.decode(frames[0].buffer, len(frames) - 1)) is P.Bye:
+                    return
+            except RemoteProtocolError:
+                pass
 
     def _dispatch(self, frames: list[zmq.Frame]) -> None:
         self._last_beacon = time.monotonic()  # any message shows the broker is alive

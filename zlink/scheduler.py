@@ -462,6 +462,9 @@ class Scheduler:
                 self._error(ev.route, "forbidden", f"role {peer.identity.role!r} may not read status")
         elif t is P.Bye:
             self._drop_peer(peer, "bye")
+            # the answer: nothing more comes to this connection, so the peer may close it without
+            # resetting it (a reset would discard what it sent and this broker has not read yet)
+            self._out.append(Send(ev.route, P.Bye(reason="bye")))
         elif t is P.Heartbeat and type(peer) is Client:
             pass  # a client's liveness ping: last_seen is all it updates
         elif t is P.SendMessage:

@@ -546,6 +546,30 @@ def test_backpressure_cancel_then_submit_is_not_rejected(bounded_swarm: Swarm) -
                 f.cancel()
 
 
+@pytest.mark.timeout(60)
+def test_a_closed_clients_tasks_free_its_keys_quota_at_once(bounded_swarm: Swarm) -> None:
+    """close() returns once the broker has taken the BYE: the next client of the key has its whole quota.
+
+    Closing while the broker still sends (answers to cancels) used to reset the connection, and the
+    reset discarded the last CANCELs and the BYE: the broker kept the tasks, and the key's quota,
+    until the client timeout, and the next client's submissions were rejected.
+    """
+    for _ in range(8):
+        with zlink.Client(bounded_swarm.join) as client:
+            parked = [client.submit("no_node_has_this", k) for k in range(20)]
+            for f in parked:
+                f.cancel()
+        with zlink.Client(bounded_swarm.join) as client:
+            full = [client.submit("no_node_has_this", k) for k in range(20)]
+            deadline = time.monotonic() + 10
+            while sum((st := client.status())["queued"].values()) < 20 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert sum(st["queued"].values()) == 20 and st["clients"] == 1, st
+            assert not any(f.done() for f in full)  # none rejected
+            for f in full:
+                f.cancel()
+
+
 @pytest.mark.timeout(30)
 def test_backpressure_does_not_block_the_event_loop(bounded_swarm: Swarm) -> None:
     async def main() -> float:

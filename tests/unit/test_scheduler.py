@@ -784,7 +784,7 @@ def test_node_bye_requeues_its_tasks_at_the_head() -> None:
     _, tids, _ = sim.submit(b"c1", 3)
     out = sim.bye(b"a")
     assert b"session-a" not in sim.s.nodes
-    assert out.to(b"a") == []
+    assert out.to(b"a") == [P.Bye(reason="bye")]  # only the answer: the node may close its connection now
     out = sim.node(b"b", slots=3)
     assert [(i.tid, i.attempt) for i, _ in out.dispatched(b"b")] == [(tids[0], 2), (tids[1], 2), (tids[2], 1)]
 
@@ -1493,7 +1493,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             if task.client == client and task.tid in self.s.tasks:
                 task.abandoned = True
         out = self.handle(PeerMessage(client, P.Bye()))
-        assert [s for s in out if s.route == client] == []
+        assert [s.msg for s in out if s.route == client] == [P.Bye(reason="bye")]  # the answer, nothing else
         assert not any(t.client.route == client for t in self.s.tasks.values())
         self._hello_client(client)
 
