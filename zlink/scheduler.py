@@ -314,6 +314,9 @@ class Scheduler:
         self.clients: dict[bytes, Client] = {}  # session -> client
         self.names: dict[str, bytes] = {}  # name -> session
         self.tasks: dict[bytes, Task] = {}
+        #: skill -> [tasks held, of them running]: what status() reports, kept as tasks move
+        #: (counting the tasks there took 10 ms with 100,000 queued, on the broker's loop)
+        self.skill_load: dict[str, list[int]] = {}
         self.queues: dict[str, deque[Task]] = {}
         self.skill_nodes: dict[str, list[Node]] = {}
         self.deadlines: list[tuple[float, bytes]] = []
@@ -583,7 +586,7 @@ class Scheduler:
                 # resubmitted (after a broker restart) before the node came back: attach it to the
                 # running attempt. Only such tasks, of a skill the node offers: a node cannot claim
                 # a task a client just submitted by naming it in HELLO
-                task.state = RUNNING
+                self._running(task)
                 task.node = node
                 task.attempt = attempt
                 task.tried.add(node.session)
@@ -692,6 +695,10 @@ class Scheduler:
             if self.fence and tid in self.fence:
                 task.attempt = self.fence[tid][0]
             self.tasks[tid] = task
+            load = self.skill_load.get(spec.skill)
+            if load is None:
+                load = self.skill_load[spec.skill] = [0, 0]
+            load[0] += 1
             client.tasks.add(tid)
             held += 1
             self.counters["submitted"] += 1
@@ -699,7 +706,7 @@ class Scheduler:
             if self.adopted and tid in self.adopted and msg.resubmit:
                 node, attempt = self.adopted.pop(tid)
                 if node.alive and node.inflight.get(tid) == attempt and spec.skill in node.skills:
-                    task.state = RUNNING
+                    self._running(task)
                     task.node = node
                     task.attempt = attempt
                     task.tried.add(node.session)
@@ -1172,7 +1179,7 @@ class Scheduler:
 
     def _start(self, task: Task, node: Node) -> None:
         task.attempt += 1
-        task.state = RUNNING
+        self._running(task)
         task.node = node
         task.tried.add(node.session)
         node.inflight[task.tid] = task.attempt
@@ -1184,8 +1191,18 @@ class Scheduler:
         batch[0].append(P.DispatchItem(task.tid, task.skill, task.attempt, timeout))
         batch[1].append(task.payload)
 
+    def _running(self, task: Task) -> None:
+        task.state = RUNNING
+        self.skill_load[task.skill][1] += 1
+
     def _forget(self, task: Task, *, keep_keys: bool = False) -> None:
         del self.tasks[task.tid]
+        load = self.skill_load[task.skill]
+        load[0] -= 1
+        if task.state == RUNNING:
+            load[1] -= 1
+        if not load[0]:
+            del self.skill_load[task.skill]
         task.client.tasks.discard(task.tid)
         key = task.client.identity.key
         left = self.key_tasks.get(key, 1) - 1
@@ -1406,6 +1423,7 @@ class Scheduler:
                 )  # fmt: skip
                 continue
             task.state = QUEUED
+            self.skill_load[task.skill][1] -= 1
             self.counters["requeued"] += 1
             back.setdefault(task.skill, []).append(task)
         for skill, tasks in back.items():
@@ -1443,13 +1461,8 @@ class Scheduler:
     def status(self) -> dict[str, Any]:
         """A snapshot with no payloads: nodes, queues, counters."""
         now = self._now
-        queued: dict[str, int] = {}
-        running = 0
-        for task in self.tasks.values():
-            if task.state == QUEUED:
-                queued[task.skill] = queued.get(task.skill, 0) + 1
-            else:
-                running += 1
+        queued = {skill: n - r for skill, (n, r) in self.skill_load.items() if n > r}
+        running = sum(r for _, r in self.skill_load.values())
         return {
             "epoch": self.epoch.hex(),
             "uptime": round(now - self.started, 3),

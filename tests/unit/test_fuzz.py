@@ -653,6 +653,13 @@ def check_invariants(w: World, *, ticked: bool = False) -> None:
             assert node.inflight.get(tid) == task.attempt, (tid, task.attempt, node.inflight)
         if ticked:
             assert task.deadline > w.now, f"task {tid!r} outlived its deadline past a tick"
+    # status() reports counts kept as tasks move: they must match a count of the tasks
+    load: dict[str, list[int]] = {}
+    for task in s.tasks.values():
+        entry = load.setdefault(task.skill, [0, 0])
+        entry[0] += 1
+        entry[1] += task.state == "running"
+    assert s.skill_load == load, (s.skill_load, load)
     # (a key whose every task was refused may keep a 0 entry: bounded by the allowed keys, harmless)
     counted = {k: n for k, n in s.key_tasks.items() if n != 0}
     assert dict(per_key) == counted, f"key_tasks {s.key_tasks} != tasks per key {dict(per_key)}"
