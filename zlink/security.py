@@ -200,6 +200,9 @@ class AllowedKey:
     path: str
 
 
+_RACY_NS = 2_000_000_000  # the coarsest mtime of a common file system (FAT: 2 s)
+
+
 class AllowedKeys:
     """The broker's table of authorised keys, re-read when ``allowed/`` changes.
 
@@ -209,11 +212,26 @@ class AllowedKeys:
     the last one is that recent and the folder itself (its mtime: a key file
     added, removed or renamed into place) has not changed: a join storm of a
     thousand nodes then costs one ``stat`` per handshake, not a scan.
+
+    An mtime is only as fine as the kernel's clock tick (or the file system's:
+    up to 2 s), so a key written in the same tick as the last scan leaves it
+    unchanged. A folder stamp that recent is "racy" (as git calls it): until the
+    folder has been quiet for 2 s, a refresh with ``exact`` (a stranger's
+    handshake: its key may have been written a moment ago) scans anyway; a
+    known key's refresh still waits ``max_age`` (a revocation shows within it).
     """
 
-    def __init__(self, folder: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
         self.folder = Path(folder)
         self._clock = clock
+        self._wall_ns = wall_ns
+        self._racy = True  # the folder changed too recently for its mtime to be trusted
         self._stamp: tuple[tuple[str, int, int], ...] | None = None
         self._scanned = -math.inf
         self._folder_mtime: int | None = None
@@ -254,12 +272,14 @@ class AllowedKeys:
         except OSError:
             return None
 
-    def refresh(self, *, max_age: float = 0.0) -> set[str]:
+    def refresh(self, *, max_age: float = 0.0, exact: bool = False) -> set[str]:
         now = self._clock()
         folder = self._folder_stamp()
-        if max_age > 0 and now - self._scanned < max_age and folder == self._folder_mtime:
+        fresh = max_age > 0 and now - self._scanned < max_age and folder == self._folder_mtime
+        if fresh and not (exact and self._racy):
             return set()
         self._scanned, self._folder_mtime = now, folder
+        self._racy = folder is None or self._wall_ns() - folder < _RACY_NS
         stamp = self._scan()
         if stamp == self._stamp:
             return set()
@@ -317,8 +337,11 @@ class ZapPolicy:
         public = z85.encode(creds[0]).decode("ascii")
         # One stat of the folder per handshake; a full scan only when the folder changed (a key
         # invited or revoked), or the last scan is older than a second for a known key (an edited
-        # file) or a tenth of a second for a stranger (so a flood of them cannot keep it scanning).
-        self.keys.refresh(max_age=1.0 if self.keys.get(public) is not None else 0.1)
+        # file) or a tenth of a second for a stranger (so a flood of them cannot keep it scanning),
+        # except that a stranger always gets a scan while the folder's mtime is too recent to
+        # prove that no key was written since the last one (see AllowedKeys).
+        known = self.keys.get(public) is not None
+        self.keys.refresh(max_age=1.0 if known else 0.1, exact=not known)
         if self.keys.get(public) is None:
             self.denied += 1
             return [b"1.0", request_id, b"400", b"key not authorised", b"", b""]
