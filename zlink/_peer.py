@@ -553,7 +553,9 @@ class PeerLink(ABC):
             if self._failover:
                 self._switch_broker(f"no beacon for {silent:.1f} s")
                 return
-            log.warning("no beacon from the broker for %.1f s: presuming it gone, re-registering", silent)
+            log.warning(
+                "no beacon from the broker at %s for %.1f s: presuming it gone, re-registering", self.endpoint, silent
+            )
             self.welcome = None
             self.on_broker_lost()
         elif (

@@ -725,7 +725,7 @@ def _fetch_status(join: str | None, connect_timeout: float) -> dict[str, Any]:
 
     def run() -> dict[str, Any]:
         with Client(join, connect_timeout=connect_timeout) as c:
-            return {**c.status(), "endpoint": c.endpoint}  # which broker answered (a swarm may have several)
+            return c.status()
 
     st: dict[str, Any] = _run_guarded(run)
     return st

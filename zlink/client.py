@@ -582,8 +582,9 @@ class Client(PeerLink):
         return cf.as_completed(list(futures), timeout=timeout)
 
     def status(self, timeout: float = 10.0) -> dict[str, Any]:
-        """The broker's view: nodes, queued tasks per skill, counters."""
-        return self._ask_broker(P.Status(), timeout)
+        """The broker's view: nodes, queued tasks per skill, counters; ``"endpoint"`` is the
+        broker that answered (a swarm may have several)."""
+        return {**self._ask_broker(P.Status(), timeout), "endpoint": self.endpoint}
 
     def admin(self, op: str, arg: str, timeout: float = 10.0) -> dict[str, Any]:
         """An operator's request (needs an admin key): ``admin("drain", NODE)``, ``admin("cancel", TASK_ID)``.

@@ -218,6 +218,7 @@ def test_in_process_broker_and_node(inproc_broker: zlink.Broker) -> None:
             assert st["nodes"][0]["skills"] == ["cube", "shout", "task_info"]
             assert st["nodes"][0]["done"] == 502
             assert st["counters"]["protocol_errors"] == 0
+            assert st["endpoint"] == inproc_broker.endpoint  # the broker that answered
     finally:
         node.stop()
     assert node.completed == 502

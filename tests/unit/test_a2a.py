@@ -460,11 +460,14 @@ def test_scrubbed_third_party_logs_keep_no_payload(caplog: pytest.LogCaptureFixt
         except ValueError:
             log.exception("handler failed")
         logging.getLogger("zlink.a2a").warning("own line %s", "kept")  # not a library's: untouched
+        # a2a-sdk's "Message=%r%s" with an empty data suffix: the empty string prints as nothing
+        log.error("Code=%s, Message=%r%s", -32700, "PAYLOAD", "")
     finally:
         log.removeHandler(handler)
     assert seen[0] == "request <dict> failed with code -32602"
     assert "PAYLOAD" not in "\n".join(seen)
     assert seen[2] == "handler failed [ValueError]"
+    assert seen[-1] == "Code=-32700, Message='<str>'"
 
 
 def test_without_the_sdk_a_clear_config_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -187,7 +187,9 @@ def _third_party(name: str) -> bool:
 
 
 def _safe_arg(value: Any) -> Any:
-    if value is None or isinstance(value, bool | int | float):
+    """A log argument as it may be printed: numbers, booleans, None and the empty string as they are
+    (nothing a request can hide data in), anything else as its type name."""
+    if value is None or isinstance(value, bool | int | float) or (type(value) is str and not value):
         return value
     return f"<{type(value).__name__}>"
 
