@@ -696,7 +696,10 @@ class PeerLink(ABC):
         self._hello_backoff = max(1.0, self.heartbeat_interval * 2)
         if msg.beacon_port:
             endpoint = with_port(self.endpoint, msg.beacon_port)
-            if endpoint != self._beacon_endpoint:  # first WELCOME, or a restarted broker on new ports
+            # first WELCOME, or a restarted broker (on new ports, or on the same ones: a connection
+            # made afresh tries at once, where the old one waits out its reconnect backoff, which
+            # after a long outage outlasts the beacon silence that makes us presume the broker gone)
+            if endpoint != self._beacon_endpoint or new_epoch:
                 if self._beacon_endpoint:
                     try:
                         self._beacon_sock.disconnect(self._beacon_endpoint)

@@ -385,6 +385,7 @@ class _BrokerLink(PeerLink):
         self._batch_runs: dict[bytes, tuple[TaskContext, _BatchRun]] = {}
         self._hb_thread: threading.Thread | None = None
         self._hb_endpoint = ""
+        self._hb_generation = 0  # bumped when the broker restarted: reconnect now, not after the backoff
         self._credit_sent = 0
         self._credit_t = 0.0
         #: this link's broker is gone and its tasks are being moved to another link: its HELLOs
@@ -412,10 +413,12 @@ class _BrokerLink(PeerLink):
     def setup(self, ctx: zmq.Context[Any]) -> None:
         self._hb_stop = threading.Event()
 
-    def _start_heartbeats(self, welcome: P.Welcome) -> None:
+    def _start_heartbeats(self, welcome: P.Welcome, new_epoch: bool) -> None:
         if not welcome.heartbeat_port:
             return
         self._hb_endpoint = with_port(self.endpoint, welcome.heartbeat_port)
+        if new_epoch:
+            self._hb_generation += 1
         if self._hb_thread is None:
             self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="zlink-heartbeat", daemon=True)
             self._hb_thread.start()
@@ -509,7 +512,7 @@ class _BrokerLink(PeerLink):
         return max(0, node.slots - others)
 
     def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
-        self._start_heartbeats(welcome)
+        self._start_heartbeats(welcome, new_epoch)
         # results the broker never acknowledged (it may have restarted): send again
         for tid, (attempt, status, payload, seal) in list(self._unacked.items()):
             self._done.append((tid, attempt, status, payload, seal))
@@ -627,14 +630,17 @@ class _BrokerLink(PeerLink):
             tune_reconnect(pub)
             pub.setsockopt(zmq.SNDHWM, 10)
             pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # a broker that comes back subscribes again: see that too
-            wait, subscribed, backoff = 0.0, False, 0.01
+            wait, subscribed, backoff, generation = 0.0, False, 0.01, self._hb_generation
             while not self._hb_stop.wait(wait):
                 endpoint = self._hb_endpoint
-                if endpoint != connected:  # first beat, or a restarted broker on new ports
+                # first beat, a restarted broker on new ports, or on the same ones: a connection
+                # made afresh tries at once, where the old one waits out its reconnect backoff
+                # (seconds after a long outage: long enough for the broker to declare us dead)
+                if endpoint != connected or generation != self._hb_generation:
                     if connected:
                         pub.disconnect(connected)
                     pub.connect(endpoint)
-                    connected, subscribed, backoff = endpoint, False, 0.01
+                    connected, subscribed, backoff, generation = endpoint, False, 0.01, self._hb_generation
                 fresh = False
                 while pub.poll(0):  # subscription messages: the broker's SUB is (again) connected
                     fresh = pub.recv()[:1] == b"\x01" or fresh

@@ -610,3 +610,30 @@ def test_status_works_again_after_a_status_request_lost_in_a_broker_outage(rig: 
     except zlink.TaskTimeout as exc:
         raise KnownBug(f"status() after the restart: {exc} (waiters queued: {len(c._status_waiters)})") from exc
     assert st["epoch"] == c.epoch.hex()  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(90)
+def test_a_broker_back_after_a_long_outage_hears_its_nodes_at_once(rig: Rig) -> None:
+    """After an outage long enough for libzmq's reconnect backoff to reach its 2-4 s ceiling, the
+    node's heartbeat and beacon connections used to wait out that backoff after the broker came
+    back: the restarted broker declared the node dead before its first beat (nodes_died 1) and the
+    node presumed the broker gone again. A WELCOME with a new epoch now reconnects both at once."""
+    rig.start_broker()
+    rig.node("node-a", slots=1)
+    c = rig.client()
+    rig.wait_listed(c, ["node-a"])
+    epoch = c.epoch
+    rig.kill_broker()
+    time.sleep(12)  # backoff 80-250 ms, doubling per attempt up to 2-4 s: at its ceiling by now
+    rig.start_broker()
+    wait_for(lambda: c.welcome is not None and c.epoch != epoch, timeout=20, what="the client to re-register")
+    st = rig.wait_listed(c, ["node-a"], timeout=10)
+    deadline = time.monotonic() + 5.0  # the broker declares a silent node dead 1.5 s after it joined
+    while time.monotonic() < deadline:
+        st = c.status(5)
+        assert st["counters"]["nodes_died"] == 0, st["events"]
+        time.sleep(0.2)
+    node = node_by_name(st, "node-a")
+    assert node is not None and node["beating"], st["nodes"]
+    assert [e for _, e in st["events"] if "joined" in e] == [e for _, e in st["events"]][:1], st["events"]
+    assert c.task("work", 3, 0.0, timeout=30).result(30) == 9
