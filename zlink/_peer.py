@@ -682,7 +682,8 @@ class PeerLink(ABC):
             # the answer to a HELLO resent while the broker was away: we are
             # registered already, and re-running on_welcome would resubmit again
             return
-        new_epoch = self.epoch is not None and msg.epoch != self.epoch
+        rejoined = self.epoch is not None  # every WELCOME after the first follows a lost broker
+        new_epoch = rejoined and msg.epoch != self.epoch
         self.epoch = msg.epoch
         self.welcome = msg
         self.name = msg.name
@@ -696,10 +697,11 @@ class PeerLink(ABC):
         self._hello_backoff = max(1.0, self.heartbeat_interval * 2)
         if msg.beacon_port:
             endpoint = with_port(self.endpoint, msg.beacon_port)
-            # first WELCOME, or a restarted broker (on new ports, or on the same ones: a connection
-            # made afresh tries at once, where the old one waits out its reconnect backoff, which
-            # after a long outage outlasts the beacon silence that makes us presume the broker gone)
-            if endpoint != self._beacon_endpoint or new_epoch:
+            # first WELCOME, or back after the broker was lost (restarted, on new ports or the same
+            # ones, or cut off a while): a connection made afresh tries at once, where the old one
+            # waits out its reconnect backoff, which after a long outage outlasts the beacon
+            # silence that makes us presume the broker gone
+            if endpoint != self._beacon_endpoint or rejoined:
                 if self._beacon_endpoint:
                     try:
                         self._beacon_sock.disconnect(self._beacon_endpoint)

@@ -385,7 +385,8 @@ class _BrokerLink(PeerLink):
         self._batch_runs: dict[bytes, tuple[TaskContext, _BatchRun]] = {}
         self._hb_thread: threading.Thread | None = None
         self._hb_endpoint = ""
-        self._hb_generation = 0  # bumped when the broker restarted: reconnect now, not after the backoff
+        self._hb_generation = 0  # bumped on every WELCOME after the first: reconnect now, not after the backoff
+        self._hb_wake = threading.Event()  # the heartbeat thread's sleep: set to stop it or make it reconnect
         self._credit_sent = 0
         self._credit_t = 0.0
         #: this link's broker is gone and its tasks are being moved to another link: its HELLOs
@@ -413,18 +414,20 @@ class _BrokerLink(PeerLink):
     def setup(self, ctx: zmq.Context[Any]) -> None:
         self._hb_stop = threading.Event()
 
-    def _start_heartbeats(self, welcome: P.Welcome, new_epoch: bool) -> None:
+    def _start_heartbeats(self, welcome: P.Welcome) -> None:
         if not welcome.heartbeat_port:
             return
         self._hb_endpoint = with_port(self.endpoint, welcome.heartbeat_port)
-        if new_epoch:
+        if self._hb_thread is not None:  # back after the broker was lost: see _heartbeat_loop
             self._hb_generation += 1
-        if self._hb_thread is None:
+            self._hb_wake.set()
+        else:
             self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="zlink-heartbeat", daemon=True)
             self._hb_thread.start()
 
     def teardown(self) -> None:
         self._hb_stop.set()
+        self._hb_wake.set()
         if self._hb_thread is not None:
             self._hb_thread.join(2.0)
 
@@ -512,7 +515,7 @@ class _BrokerLink(PeerLink):
         return max(0, node.slots - others)
 
     def on_welcome(self, welcome: P.Welcome, new_epoch: bool) -> None:
-        self._start_heartbeats(welcome, new_epoch)
+        self._start_heartbeats(welcome)
         # results the broker never acknowledged (it may have restarted): send again
         for tid, (attempt, status, payload, seal) in list(self._unacked.items()):
             self._done.append((tid, attempt, status, payload, seal))
@@ -631,14 +634,22 @@ class _BrokerLink(PeerLink):
             pub.setsockopt(zmq.SNDHWM, 10)
             pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # a broker that comes back subscribes again: see that too
             wait, subscribed, backoff, generation = 0.0, False, 0.01, self._hb_generation
-            while not self._hb_stop.wait(wait):
+            while True:
+                self._hb_wake.wait(wait)
+                self._hb_wake.clear()
+                if self._hb_stop.is_set():
+                    break
                 endpoint = self._hb_endpoint
-                # first beat, a restarted broker on new ports, or on the same ones: a connection
-                # made afresh tries at once, where the old one waits out its reconnect backoff
-                # (seconds after a long outage: long enough for the broker to declare us dead)
+                # first beat, or back after the broker was lost (restarted, on new ports or the
+                # same ones, or cut off a while): a connection made afresh tries at once, where the
+                # old one waits out its reconnect backoff (seconds after a long outage: long enough
+                # for the broker to declare us dead)
                 if endpoint != connected or generation != self._hb_generation:
                     if connected:
-                        pub.disconnect(connected)
+                        try:
+                            pub.disconnect(connected)
+                        except zmq.ZMQError:
+                            pass
                     pub.connect(endpoint)
                     connected, subscribed, backoff, generation = endpoint, False, 0.01, self._hb_generation
                 fresh = False

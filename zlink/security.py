@@ -200,7 +200,7 @@ class AllowedKey:
     path: str
 
 
-_RACY_NS = 2_000_000_000  # the coarsest mtime of a common file system (FAT: 2 s)
+_RACY_S = 2.0  # the coarsest mtime of a common file system (FAT: 2 s)
 
 
 class AllowedKeys:
@@ -215,23 +215,18 @@ class AllowedKeys:
 
     An mtime is only as fine as the kernel's clock tick (or the file system's:
     up to 2 s), so a key written in the same tick as the last scan leaves it
-    unchanged. A folder stamp that recent is "racy" (as git calls it): until the
-    folder has been quiet for 2 s, a refresh with ``exact`` (a stranger's
-    handshake: its key may have been written a moment ago) scans anyway; a
-    known key's refresh still waits ``max_age`` (a revocation shows within it).
+    unchanged. A folder stamp seen for less than 2 s is "racy" (as git calls
+    it): meanwhile a refresh with ``exact`` (a stranger's handshake: its key may
+    have been written a moment ago) scans anyway; a known key's refresh still
+    waits ``max_age`` (a revocation shows within it). The 2 s run on this
+    process's monotonic clock from the moment the stamp was first seen, so a
+    wall clock stepped back, or a file server's clock ahead, changes nothing.
     """
 
-    def __init__(
-        self,
-        folder: Path,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        wall_ns: Callable[[], int] = time.time_ns,
-    ) -> None:
+    def __init__(self, folder: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.folder = Path(folder)
         self._clock = clock
-        self._wall_ns = wall_ns
-        self._racy = True  # the folder changed too recently for its mtime to be trusted
+        self._stamp_seen = -math.inf  # when the folder's current mtime was first seen
         self._stamp: tuple[tuple[str, int, int], ...] | None = None
         self._scanned = -math.inf
         self._folder_mtime: int | None = None
@@ -276,10 +271,11 @@ class AllowedKeys:
         now = self._clock()
         folder = self._folder_stamp()
         fresh = max_age > 0 and now - self._scanned < max_age and folder == self._folder_mtime
-        if fresh and not (exact and self._racy):
+        if fresh and not (exact and self.racy()):
             return set()
+        if folder != self._folder_mtime:
+            self._stamp_seen = now
         self._scanned, self._folder_mtime = now, folder
-        self._racy = folder is None or self._wall_ns() - folder < _RACY_NS
         stamp = self._scan()
         if stamp == self._stamp:
             return set()
@@ -296,6 +292,10 @@ class AllowedKeys:
         self.bad_files = [name for name, (_, k) in parsed.items() if k is None]
         self.removed |= removed
         return removed
+
+    def racy(self) -> bool:
+        """The folder's mtime may hide a change made in the tick it was read in (or there is no folder)."""
+        return self._folder_mtime is None or self._clock() - self._stamp_seen < _RACY_S
 
     def take_removed(self) -> set[str]:
         """Refresh, then return and forget the keys removed since the last call."""
