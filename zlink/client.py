@@ -584,12 +584,12 @@ class Client(PeerLink):
     def status(self, timeout: float = 10.0) -> dict[str, Any]:
         """The broker's view: nodes, queued tasks per skill, counters; ``"endpoint"`` is the
         broker that answered (a swarm may have several)."""
-        return {**self._ask_broker(P.Status(), timeout), "endpoint": self.endpoint}
+        return self._ask_broker(P.Status(), timeout)
 
     def admin(self, op: str, arg: str, timeout: float = 10.0) -> dict[str, Any]:
         """An operator's request (needs an admin key): ``admin("drain", NODE)``, ``admin("cancel", TASK_ID)``.
 
-        Returns ``{"op", "ok", "message"}``; raises RejectedError for a key that is not admin.
+        Returns ``{"op", "ok", "message", "endpoint"}``; raises RejectedError for a key that is not admin.
         """
         return self._ask_broker(P.Status(op=op, arg=arg), timeout)
 
@@ -751,7 +751,9 @@ class Client(PeerLink):
                     _resolve(pend.future, exc=exc)
         elif t is P.StatusReply:
             if self._status_waiters:
-                _resolve(self._status_waiters.popleft(), msg.status)  # type: ignore[attr-defined]
+                # named on the I/O thread: the broker that answered, even if the client moves on now
+                reply = {**msg.status, "endpoint": self.endpoint}  # type: ignore[attr-defined]
+                _resolve(self._status_waiters.popleft(), reply)
         elif t is P.Error:
             err: P.Error = msg  # type: ignore[assignment]
             if err.tids:
