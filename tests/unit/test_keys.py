@@ -188,8 +188,13 @@ def test_a_folder_stamped_in_the_future_is_trusted_after_2_s_all_the_same(
     assert scans[0] == 0
 
 
-def test_a_missing_folder_is_always_read_again(tmp_path: Path) -> None:
+def test_a_missing_folder_is_always_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No folder, no stamp to trust: every stranger's handshake looks again (a failed scandir)."""
     clock = Clock()
     table = AllowedKeys(tmp_path / "nowhere", clock=clock)
+    zap = ZapPolicy(table)
     clock.t += 10
-    assert table.racy() and table.by_key == {}
+    scans = counting_scans(table, monkeypatch)
+    for _ in range(3):
+        assert zap.reply(zap_request(generate_keypair().public))[2] == b"400"
+    assert table.racy() and table.by_key == {} and scans[0] == 3
